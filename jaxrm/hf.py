@@ -1,0 +1,550 @@
+"""The Hugging Face boundary: HF Llama checkpoints <-> jaxrm parameters.
+
+One name map (`tensor_map`) says where every HF tensor lives in the jaxrm model and how its layout
+differs (transposes, head reshapes). Import reads tensor by tensor, each device's slice straight
+into its final sharded layout (`jax.make_array_from_callback` over memory-mapped safetensors), so an
+8B load never holds the whole model on one host. Export (jaxrm/export.py) walks the same map in
+reverse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from jaxrm.errors import UserError
+from jaxrm.models.llama import LlamaConfig
+from jaxrm.models.reward import RewardModel, score_head_stddev
+from jaxrm.sharding import DEFAULT_RULES, Rules, named_sharding
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama",)
+HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+
+# ----------------------------------------------------------------------------------------------
+# Locating a model and reading its config
+
+
+def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
+    """A local directory as is; otherwise a hub id downloaded (config, safetensors, tokenizer)."""
+    path = Path(os.path.expanduser(str(name_or_path)))
+    if path.is_dir():
+        return path
+    looks_local = str(name_or_path).startswith((".", "/", "~")) or path.exists()
+    if looks_local or str(name_or_path).count("/") != 1:
+        raise UserError(f"model directory {name_or_path} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(
+                repo_id=str(name_or_path), revision=revision, allow_patterns=HUB_FILE_PATTERNS
+            )
+        )
+    except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear line
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(
+            f"model {name_or_path} is not a local directory and could not be fetched from the "
+            f"Hugging Face hub: {reason}"
+        ) from None
+
+
+def read_hf_config(model_dir: Path) -> dict[str, Any]:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{path} not found: not a Hugging Face model directory")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UserError(
+            f"{path}: unsupported model_type {model_type!r} (jaxrm supports "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    return config
+
+
+def llama_config_from_hf(hf: dict[str, Any], **runtime: Any) -> LlamaConfig:
+    """LlamaConfig from config.json (transformers 4 `rope_scaling` or 5 `rope_parameters`)."""
+    if hf.get("hidden_act", "silu") != "silu":
+        raise UserError(f"config.json: unsupported hidden_act {hf.get('hidden_act')!r} (silu only)")
+    try:
+        heads = hf["num_attention_heads"]
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        if rope.get("rope_type", rope.get("type", "default")) == "default":
+            rope = {}
+        return LlamaConfig(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope or None,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            attention_bias=bool(hf.get("attention_bias", False)),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            **runtime,
+        )
+    except KeyError as e:
+        raise UserError(f"config.json: missing key {e.args[0]!r}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# The name map
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMap:
+    """One HF tensor <-> one jaxrm parameter (a stacked one holds all layers' tensors)."""
+
+    path: tuple[str, ...]  # nnx state path in RewardModel
+    hf_name: str  # may contain {layer}
+    layout: str  # how jaxrm's layout derives from HF's, see `_from_hf_slice`
+    stacked: bool = False
+
+    def hf_names(self, num_layers: int) -> list[str]:
+        if not self.stacked:
+            return [self.hf_name]
+        return [self.hf_name.format(layer=i) for i in range(num_layers)]
+
+
+def tensor_map(config: LlamaConfig, prefix: str = "model.") -> list[TensorMap]:
+    layer = prefix + "layers.{layer}."
+    entries = [
+        TensorMap(("model", "embed_tokens"), prefix + "embed_tokens.weight", "copy"),
+        TensorMap(("model", "norm", "weight"), prefix + "norm.weight", "copy"),
+        TensorMap(("score", "kernel"), "score.weight", "linear"),
+    ]
+    stacked = [
+        (("input_layernorm", "weight"), "input_layernorm.weight", "copy"),
+        (("post_attention_layernorm", "weight"), "post_attention_layernorm.weight", "copy"),
+        (("self_attn", "q_kernel"), "self_attn.q_proj.weight", "heads_in"),
+        (("self_attn", "k_kernel"), "self_attn.k_proj.weight", "heads_in"),
+        (("self_attn", "v_kernel"), "self_attn.v_proj.weight", "heads_in"),
+        (("self_attn", "o_kernel"), "self_attn.o_proj.weight", "heads_out"),
+        (("mlp", "gate_kernel"), "mlp.gate_proj.weight", "linear"),
+        (("mlp", "up_kernel"), "mlp.up_proj.weight", "linear"),
+        (("mlp", "down_kernel"), "mlp.down_proj.weight", "linear"),
+    ]
+    if config.attention_bias:
+        stacked += [
+            (("self_attn", "q_bias"), "self_attn.q_proj.bias", "heads_bias"),
+            (("self_attn", "k_bias"), "self_attn.k_proj.bias", "heads_bias"),
+            (("self_attn", "v_bias"), "self_attn.v_proj.bias", "heads_bias"),
+            (("self_attn", "o_bias"), "self_attn.o_proj.bias", "copy"),
+        ]
+    if config.mlp_bias:
+        stacked += [
+            (("mlp", "gate_bias"), "mlp.gate_proj.bias", "copy"),
+            (("mlp", "up_bias"), "mlp.up_proj.bias", "copy"),
+            (("mlp", "down_bias"), "mlp.down_proj.bias", "copy"),
+        ]
+    entries += [
+        TensorMap(("model", "layers", *path), layer + name, layout, stacked=True)
+        for path, name, layout in stacked
+    ]
+    return entries
+
+
+def hf_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The HF tensor shape of one (per-layer) jaxrm parameter of `shape`."""
+    if layout == "copy":
+        return shape
+    if layout == "linear":
+        return (shape[1], shape[0])
+    if layout == "heads_in":  # [D, N, H] <- [N*H, D]
+        return (shape[1] * shape[2], shape[0])
+    if layout == "heads_out":  # [N, H, D] <- [D, N*H]
+        return (shape[2], shape[0] * shape[1])
+    if layout == "heads_bias":  # [N, H] <- [N*H]
+        return (shape[0] * shape[1],)
+    raise ValueError(layout)
+
+
+def to_hf(layout: str, value: np.ndarray) -> np.ndarray:
+    """A full (per-layer) jaxrm parameter in HF layout."""
+    if layout == "copy":
+        return value
+    if layout == "linear":
+        return value.T
+    if layout == "heads_in":
+        return value.reshape(value.shape[0], -1).T
+    if layout == "heads_out":
+        return value.reshape(-1, value.shape[-1]).T
+    if layout == "heads_bias":
+        return value.reshape(-1)
+    raise ValueError(layout)
+
+
+def _from_hf_slice(
+    layout: str, tensor: np.ndarray, index: tuple[slice, ...], shape: tuple[int, ...]
+) -> np.ndarray:
+    """The `index` slice of a jaxrm parameter of `shape`, reading only that part of `tensor`."""
+    bounds = [s.indices(n)[:2] for s, n in zip(index, shape, strict=True)]
+    s = [slice(a, b) for a, b in bounds]
+    if layout == "copy":
+        return tensor[tuple(s)]
+    if layout == "linear":
+        return tensor[s[1], s[0]].T
+    if layout == "heads_in":
+        (n0, n1), h = bounds[1], shape[2]
+        rows = np.asarray(tensor[n0 * h : n1 * h, s[0]]).T
+        return rows.reshape(rows.shape[0], n1 - n0, h)[:, :, s[2]]
+    if layout == "heads_out":
+        (n0, n1), h = bounds[0], shape[1]
+        cols = np.asarray(tensor[s[2], n0 * h : n1 * h]).T
+        return cols.reshape(n1 - n0, h, -1)[:, s[1], :]
+    if layout == "heads_bias":
+        (n0, n1), h = bounds[0], shape[1]
+        return np.asarray(tensor[n0 * h : n1 * h]).reshape(n1 - n0, h)[:, s[1]]
+    raise ValueError(layout)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading checkpoint files lazily
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2,
+}
+
+
+def _safetensors_index(path: Path) -> dict[str, tuple[Path, Any, tuple[int, ...], int]]:
+    """name -> (file, dtype, shape, byte offset) from a safetensors header."""
+    try:
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise UserError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        begin = 8 + header_len + info["data_offsets"][0]
+        entries[name] = (path, dtype, tuple(info["shape"]), begin)
+    return entries
+
+
+class CheckpointReader:
+    """Lazy access to the tensors of an HF model directory (safetensors, or .bin with torch)."""
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = Path(model_dir)
+        self._safetensors: dict[str, tuple[Path, Any, tuple[int, ...], int]] = {}
+        self._torch: dict[str, Any] = {}
+        files = self._weight_files()
+        for f in files:
+            if f.suffix == ".safetensors":
+                self._safetensors.update(_safetensors_index(f))
+            else:
+                self._torch.update(_torch_load(f))
+
+    def _weight_files(self) -> list[Path]:
+        d = self.model_dir
+        for index_name, single in (
+            ("model.safetensors.index.json", "model.safetensors"),
+            ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+        ):
+            index = d / index_name
+            if index.is_file():
+                try:
+                    weight_map = json.loads(index.read_text())["weight_map"]
+                except (OSError, ValueError, KeyError) as e:
+                    raise UserError(f"{index}: not a valid checkpoint index ({e})") from None
+                files = [d / f for f in sorted(set(weight_map.values()))]
+                missing = [f for f in files if not f.is_file()]
+                if missing:
+                    raise UserError(f"{index} names {missing[0].name}, which is missing")
+                return files
+            if (d / single).is_file():
+                return [d / single]
+        raise UserError(f"{d}: no model weights (model.safetensors or pytorch_model.bin) found")
+
+    def names(self) -> set[str]:
+        return set(self._safetensors) | set(self._torch)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._safetensors:
+            return self._safetensors[name][2]
+        return tuple(self._torch[name].shape)
+
+    def tensor(self, name: str) -> np.ndarray:
+        """A memory-mapped (lazily read) view of the tensor."""
+        if name in self._torch:
+            return _torch_to_numpy(self._torch[name])
+        path, dtype, shape, offset = self._safetensors[name]
+        if 0 in shape:
+            return np.zeros(shape, dtype)
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+def _torch_load(path: Path) -> dict[str, Any]:
+    try:
+        import torch
+    except ImportError:
+        raise UserError(
+            f"{path}: reading pytorch_model.bin needs torch; convert the checkpoint to "
+            "safetensors or install torch"
+        ) from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({e})") from None
+
+
+def _torch_to_numpy(t: Any) -> np.ndarray:
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+# ----------------------------------------------------------------------------------------------
+# Import
+
+
+@dataclasses.dataclass
+class ImportReport:
+    """What the import did, for logs and tests."""
+
+    head: str  # "loaded" or "initialized"
+    ignored: list[str]  # HF tensors with no place in a reward model (lm_head, rotary buffers)
+    resized_vocab: tuple[int, int] | None = None  # (old, new) when the embedding grew
+
+
+def _detect_prefix(names: set[str]) -> str:
+    return "model." if any(n.startswith("model.") for n in names) else ""
+
+
+def abstract_reward_model(config: LlamaConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """Graph and abstract state (shapes, dtypes, sharding names) without allocating weights."""
+    abstract = nnx.eval_shape(lambda: RewardModel(config, rngs=nnx.Rngs(0)))
+    return nnx.split(abstract)
+
+
+def _state_leaves(state: nnx.State) -> dict[tuple[str, ...], nnx.Variable]:
+    return {tuple(str(k) for k in path): v for path, v in nnx.to_flat_state(state)}
+
+
+def variable_sharding(variable: nnx.Variable, mesh: Mesh, rules: Rules) -> NamedSharding:
+    names = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
+    return named_sharding(names, mesh, rules, variable.shape)
+
+
+def load_reward_model(
+    model_name_or_path: str,
+    mesh: Mesh,
+    *,
+    rules: Rules = DEFAULT_RULES,
+    reinit_score_head: bool = False,
+    min_vocab_size: int | None = None,
+    seed: int = 0,
+    revision: str | None = None,
+    **runtime: Any,
+) -> tuple[RewardModel, dict[str, Any], ImportReport]:
+    """Loads an HF Llama checkpoint as a sharded RewardModel.
+
+    A causal-LM (or bare LlamaModel) checkpoint gives the backbone and a fresh score head; a
+    `LlamaForSequenceClassification` checkpoint keeps its `score.weight` unless
+    `reinit_score_head`. When `min_vocab_size` exceeds the embedding (a tokenizer with added
+    tokens), the embedding grows to a multiple of 8 with new rows set to the mean of the old ones.
+    Returns the model, the HF config dict (updated vocab size) and a report.
+    """
+    model_dir = resolve_model_dir(model_name_or_path, revision)
+    hf_config = read_hf_config(model_dir)
+    config = llama_config_from_hf(hf_config, **runtime)
+    reader = CheckpointReader(model_dir)
+    names = reader.names()
+    prefix = _detect_prefix(names)
+    old_vocab = config.vocab_size
+    if min_vocab_size is not None and min_vocab_size > old_vocab:
+        config = config.replace(vocab_size=-(-min_vocab_size // 8) * 8)
+    entries = tensor_map(config, prefix)
+    has_head = "score.weight" in names and not reinit_score_head
+    _check_tensors(model_dir, reader, entries, config, old_vocab, include_head=has_head)
+
+    graphdef, abstract_state = abstract_reward_model(config)
+    leaves = _state_leaves(abstract_state)
+    values: dict[tuple[str, ...], jax.Array] = {}
+    for entry in entries:
+        variable = leaves[entry.path]
+        sharding = variable_sharding(variable, mesh, rules)
+        if entry.path == ("score", "kernel") and not has_head:
+            values[entry.path] = _init_score_head(variable.shape, sharding, seed)
+            continue
+        tensors = [reader.tensor(n) for n in entry.hf_names(config.num_hidden_layers)]
+        fill = None
+        if entry.path == ("model", "embed_tokens") and config.vocab_size > old_vocab:
+            fill = _mean_rows(tensors[0])
+        values[entry.path] = _make_sharded(entry, tensors, variable, sharding, fill)
+
+    for path, variable in leaves.items():
+        variable.value = values[path]
+    model = nnx.merge(graphdef, abstract_state)
+    hf_config = dict(hf_config, vocab_size=config.vocab_size)
+    ignored = sorted(names - {n for e in entries for n in e.hf_names(config.num_hidden_layers)})
+    resized = (old_vocab, config.vocab_size) if config.vocab_size != old_vocab else None
+    report = ImportReport("loaded" if has_head else "initialized", ignored, resized)
+    unexpected = [n for n in ignored if not _ignorable(n)]
+    if unexpected:
+        log.warning(
+            "%s: ignoring %d unexpected tensors, e.g. %s",
+            model_dir,
+            len(unexpected),
+            unexpected[:3],
+        )
+    return model, hf_config, report
+
+
+def _ignorable(name: str) -> bool:
+    return (
+        name.startswith("lm_head.")
+        or name.endswith("rotary_emb.inv_freq")
+        or name == "score.weight"
+    )
+
+
+def _check_tensors(
+    model_dir: Path,
+    reader: CheckpointReader,
+    entries: list[TensorMap],
+    config: LlamaConfig,
+    old_vocab: int,
+    include_head: bool,
+) -> None:
+    """Every expected tensor present with its full HF shape, before anything is loaded."""
+    graphdef, abstract_state = abstract_reward_model(config)
+    leaves = _state_leaves(abstract_state)
+    names = reader.names()
+    for entry in entries:
+        if entry.path == ("score", "kernel") and not include_head:
+            continue
+        shape = leaves[entry.path].shape[1:] if entry.stacked else leaves[entry.path].shape
+        expected = hf_shape(entry.layout, tuple(shape))
+        if entry.path == ("model", "embed_tokens"):
+            expected = (old_vocab, *expected[1:])
+        for name in entry.hf_names(config.num_hidden_layers):
+            if name not in names:
+                raise UserError(f"{model_dir}: tensor {name} is missing from the checkpoint")
+            if reader.shape(name) != expected:
+                raise UserError(
+                    f"{model_dir}: tensor {name} has shape {list(reader.shape(name))}, "
+                    f"expected {list(expected)} from config.json"
+                )
+
+
+def _mean_rows(embedding: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    total = np.zeros(embedding.shape[1], np.float64)
+    for start in range(0, embedding.shape[0], chunk):
+        total += np.asarray(embedding[start : start + chunk], np.float64).sum(axis=0)
+    return (total / embedding.shape[0]).astype(np.float32)
+
+
+def _make_sharded(
+    entry: TensorMap,
+    tensors: list[np.ndarray],
+    variable: nnx.Variable,
+    sharding: jax.sharding.Sharding,
+    fill_rows: np.ndarray | None,
+) -> jax.Array:
+    """A global array of the parameter, each device's block read straight from the files."""
+    shape, dtype = tuple(variable.shape), variable.dtype
+    cache: dict[tuple, np.ndarray] = {}
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple(s.indices(n)[:2] for s, n in zip(index, shape, strict=True))
+        if key not in cache:
+            cache[key] = np.ascontiguousarray(
+                _read_block(entry, tensors, index, shape, fill_rows), dtype=dtype
+            )
+        return cache[key]
+
+    return jax.make_array_from_callback(shape, sharding, read)
+
+
+def _read_block(
+    entry: TensorMap,
+    tensors: list[np.ndarray],
+    index: tuple[slice, ...],
+    shape: tuple[int, ...],
+    fill_rows: np.ndarray | None,
+) -> np.ndarray:
+    if entry.stacked:
+        layers = range(*index[0].indices(shape[0]))
+        return np.stack(
+            [_from_hf_slice(entry.layout, tensors[i], index[1:], shape[1:]) for i in layers]
+        )
+    if fill_rows is None:
+        return _from_hf_slice(entry.layout, tensors[0], index, shape)
+    start, stop = index[0].indices(shape[0])[:2]
+    old = tensors[0].shape[0]
+    cols = index[1]
+    parts = []
+    if start < old:
+        parts.append(np.asarray(tensors[0][start : min(stop, old), cols], np.float32))
+    if stop > old:
+        parts.append(
+            np.broadcast_to(fill_rows[cols], (stop - max(start, old), len(fill_rows[cols])))
+        )
+    return np.concatenate(parts, axis=0)
+
+
+def _init_score_head(
+    shape: tuple[int, ...], sharding: jax.sharding.Sharding, seed: int
+) -> jax.Array:
+    std = score_head_stddev(shape[0])
+
+    def init(key: jax.Array) -> jax.Array:
+        return std * jax.random.normal(key, shape, jnp.float32)
+
+    return jax.jit(init, out_shardings=sharding)(jax.random.key(seed))
+
+
+def iter_hf_tensors(
+    params: dict[tuple[str, ...], Callable[[int | None], np.ndarray]],
+    config: LlamaConfig,
+) -> Iterator[tuple[str, np.ndarray]]:
+    """(hf name, HF-layout array) one tensor at a time; `params[path](layer)` fetches a block."""
+    for entry in tensor_map(config):
+        fetch = params[entry.path]
+        if entry.stacked:
+            for i, name in enumerate(entry.hf_names(config.num_hidden_layers)):
+                yield name, to_hf(entry.layout, fetch(i))
+        else:
+            yield entry.hf_name, to_hf(entry.layout, fetch(None))

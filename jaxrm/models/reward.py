@@ -1,0 +1,57 @@
+"""RewardModel = Llama backbone + a one-output score head read at each row's last real token."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxrm.models.llama import LlamaConfig, LlamaModel
+
+
+def score_head_stddev(hidden_size: int) -> float:
+    """open-instruct's intended head init: normal(std = 1 / sqrt(hidden_size + 1))."""
+    return 1.0 / math.sqrt(hidden_size + 1)
+
+
+def last_token_indices(attention_mask: jax.Array) -> jax.Array:
+    """Index of each row's last real token for right-padded rows, from the mask (never pad ids).
+
+    Rows of only padding read position 0 (their reward is meaningless and must be weighted out).
+    """
+    lengths = jnp.sum(attention_mask.astype(jnp.int32), axis=-1)
+    return jnp.maximum(lengths - 1, 0)
+
+
+class RewardModel(nnx.Module):
+    """Returns one float32 reward per right-padded row.
+
+    The head is `nnx.Linear(hidden, 1, use_bias=False)` in float32, applied to the final-norm hidden
+    state at the last real token: the same number transformers' `LlamaForSequenceClassification`
+    reports for right-padded rows, computed in float32 even when the backbone runs in bf16.
+    """
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.model = LlamaModel(config, rngs=rngs)
+        self.score = nnx.Linear(
+            config.hidden_size,
+            1,
+            use_bias=False,
+            kernel_init=nnx.with_partitioning(
+                nnx.initializers.normal(score_head_stddev(config.hidden_size)), ("embed", "score")
+            ),
+            param_dtype=jnp.float32,
+            dtype=jnp.float32,
+            rngs=rngs,
+        )
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """input_ids, attention_mask: [B, T] (right padding) -> rewards [B] float32."""
+        input_ids = jnp.where(attention_mask > 0, input_ids, 0)
+        hidden = self.model(input_ids)
+        last = last_token_indices(attention_mask)
+        picked = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+        return self.score(picked.astype(jnp.float32))[:, 0]

@@ -1,0 +1,161 @@
+"""Device mesh and logical-axis sharding rules.
+
+Parameters and activations are annotated with logical axis names (`embed`, `mlp`, `heads`, ...);
+one rules table maps them to the mesh axes `data` (pure replicas), `fsdp` (parameters, gradients and
+optimizer state sharded: ZeRO-3) and `tensor` (optional tensor parallelism). A logical axis whose
+dimension does not divide by its mesh axes' size is left replicated instead of failing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Iterator, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from jaxrm.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+MeshAxes = str | tuple[str, ...] | None
+Rules = tuple[tuple[str, MeshAxes], ...]
+
+DEFAULT_RULES: Rules = (
+    # parameters
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("score", None),
+    # activations
+    ("batch", BATCH_AXES),
+    ("length", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+)
+
+
+def make_mesh(
+    data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
+    """A (data, fsdp, tensor) mesh over all devices; one axis may be -1 (the rest)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = [data, fsdp, tensor]
+    if any(s == 0 or s < -1 for s in shape) or shape.count(-1) > 1:
+        raise UserError(
+            f"mesh (data={data}, fsdp={fsdp}, tensor={tensor}): sizes must be >= 1, "
+            "at most one may be -1"
+        )
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if len(devices) % known:
+            raise UserError(
+                f"mesh (data={data}, fsdp={fsdp}, tensor={tensor}) does not divide "
+                f"the {len(devices)} devices"
+            )
+        shape[shape.index(-1)] = len(devices) // known
+    if math.prod(shape) != len(devices):
+        raise UserError(
+            f"mesh (data={data}, fsdp={fsdp}, tensor={tensor}) needs "
+            f"{math.prod(shape)} devices, but there are {len(devices)}"
+        )
+    device_grid = np.asarray(devices).reshape(shape)
+    return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def _mesh_axes_size(mesh: Mesh, axes: MeshAxes) -> int:
+    if axes is None:
+        return 1
+    names = (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in names)
+
+
+def logical_to_spec(
+    names: Sequence[str | None],
+    mesh: Mesh,
+    rules: Rules = DEFAULT_RULES,
+    shape: Sequence[int] | None = None,
+) -> PartitionSpec:
+    """PartitionSpec for logical axis names; axes that do not divide `shape` stay replicated."""
+    table = dict(rules)
+    used: set[str] = set()
+    spec: list[MeshAxes] = []
+    for i, name in enumerate(names):
+        axes = table.get(name) if name is not None else None
+        if axes is not None:
+            flat = (axes,) if isinstance(axes, str) else tuple(axes)
+            flat = tuple(a for a in flat if a not in used and mesh.shape.get(a, 1) > 1)
+            size = _mesh_axes_size(mesh, flat) if flat else 1
+            if not flat or (shape is not None and shape[i] % size):
+                axes = None
+            else:
+                axes = flat[0] if len(flat) == 1 else flat
+                used.update(flat)
+        spec.append(axes)
+    return PartitionSpec(*spec)
+
+
+def named_sharding(
+    names: Sequence[str | None],
+    mesh: Mesh,
+    rules: Rules = DEFAULT_RULES,
+    shape: Sequence[int] | None = None,
+) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(names, mesh, rules, shape))
+
+
+def state_shardings(abstract_state, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    """NamedShardings for an abstract nnx.State whose Variables carry `out_sharding` names."""
+
+    def one(variable):
+        names = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
+        return named_sharding(names, mesh, rules, variable.shape)
+
+    from flax import nnx
+
+    return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:
+    """Sharding of a data array whose `batch_dim` is split over the data-parallel axes."""
+    spec = [None] * ndim
+    spec[batch_dim] = BATCH_AXES
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return _mesh_axes_size(mesh, BATCH_AXES)
+
+
+_ACTIVATION_CONTEXT: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
+    "jaxrm_activation_sharding", default=None
+)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
+    """While tracing inside this context, `constrain` pins activations to the mesh."""
+    token = _ACTIVATION_CONTEXT.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVATION_CONTEXT.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """`with_sharding_constraint` by logical names; a no-op outside `activation_sharding`."""
+    context = _ACTIVATION_CONTEXT.get()
+    if context is None:
+        return x
+    mesh, rules = context
+    return jax.lax.with_sharding_constraint(x, named_sharding(names, mesh, rules, x.shape))
