@@ -1,0 +1,164 @@
+"""Bradley-Terry pairwise objective and the metric sums logged for it.
+
+Everything is computed in float32 whatever the dtype of the rewards (bf16 backbones included), and
+the loss uses `log_sigmoid`, never `log(sigmoid(.))`, so huge reward gaps stay finite.
+
+Per pair the optimized objective is (TRL RewardTrainer semantics)
+
+    loss_i = -log_sigmoid(r_chosen_i - r_rejected_i - margin_i)
+             + center_coef * (r_chosen_i + r_rejected_i) ** 2
+
+and its mean over real pairs equals TRL's `-logsigmoid(rc - rr - margin).mean()
++ center_coef * ((rc + rr) ** 2).mean()`. With no margin column and `center_coef == 0` this is
+exactly the reference's `-logsigmoid(rc - rr).mean()`.
+
+Logged metrics (`rm/loss` etc.) are kept as weighted sums plus a count, so averages over
+micro-batches, devices, hosts and eval batches are exact (sum everything, divide once):
+- `rm/loss` is the full objective above (margin and centering included): the number that is
+  optimized, so a logged curve always matches what the gradient sees.
+- `rm/accuracy` is strict `r_chosen > r_rejected` (ties are wrong) and ignores the margin column,
+  as in TRL and the reference.
+- `rm/reward_margin` is `r_chosen - r_rejected` (the model's margin, not the margin column).
+
+`weight` is 1 for real pairs and 0 for filler pairs (padding a batch to a fixed shape). Filler pairs
+are masked with `where` on the inputs as well as the terms, so even non-finite filler rewards cannot
+leak NaN into the loss or its gradient.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+METRIC_SUM_KEYS = (
+    "loss_sum",
+    "correct_sum",
+    "chosen_sum",
+    "rejected_sum",
+    "margin_sum",
+    "count",
+)
+
+
+def split_pair_rewards(rewards: jax.Array, num_blocks: int = 1) -> tuple[jax.Array, jax.Array]:
+    """Splits [2M] rewards laid out as `num_blocks` x (m chosen, m rejected) into ([M], [M]).
+
+    With one block the first half is chosen, the second half rejected. Pair order is preserved:
+    chosen[i] and rejected[i] belong to the same pair.
+    """
+    if rewards.ndim != 1:
+        raise ValueError(f"rewards must be 1-D, got shape {rewards.shape}")
+    if num_blocks < 1 or rewards.shape[0] % (2 * num_blocks) != 0:
+        raise ValueError(
+            f"{rewards.shape[0]} rewards do not split into {num_blocks} blocks of chosen+rejected"
+        )
+    blocks = rewards.reshape(num_blocks, 2, -1)
+    return blocks[:, 0, :].reshape(-1), blocks[:, 1, :].reshape(-1)
+
+
+def _f32(x: jax.Array | float) -> jax.Array:
+    return jnp.asarray(x, dtype=jnp.float32)
+
+
+def pair_loss_terms(
+    chosen: jax.Array,
+    rejected: jax.Array,
+    margin: jax.Array | None = None,
+    center_coef: float = 0.0,
+) -> jax.Array:
+    """Per-pair float32 loss: `-log_sigmoid(c - r - margin) + center_coef * (c + r)**2`."""
+    chosen, rejected = _f32(chosen), _f32(rejected)
+    diff = chosen - rejected
+    if margin is not None:
+        diff = diff - _f32(margin)
+    terms = -jax.nn.log_sigmoid(diff)
+    if center_coef:
+        terms = terms + _f32(center_coef) * jnp.square(chosen + rejected)
+    return terms
+
+
+def _masked_inputs(
+    chosen: jax.Array, rejected: jax.Array, weight: jax.Array, margin: jax.Array | None
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array | None]:
+    """float32 inputs with filler pairs (weight 0) zeroed, so they contribute nothing, not NaN."""
+    weight = _f32(weight)
+    real = weight != 0
+    chosen = jnp.where(real, _f32(chosen), 0.0)
+    rejected = jnp.where(real, _f32(rejected), 0.0)
+    if margin is not None:
+        margin = jnp.where(real, _f32(margin), 0.0)
+    return chosen, rejected, weight, real, margin
+
+
+def weighted_loss_sum(
+    chosen: jax.Array,
+    rejected: jax.Array,
+    weight: jax.Array,
+    margin: jax.Array | None = None,
+    center_coef: float = 0.0,
+) -> jax.Array:
+    """`sum(weight * loss_terms)` in float32, filler pairs contributing exactly 0."""
+    chosen, rejected, weight, real, margin = _masked_inputs(chosen, rejected, weight, margin)
+    terms = pair_loss_terms(chosen, rejected, margin, center_coef)
+    return jnp.sum(jnp.where(real, weight * terms, 0.0))
+
+
+def weighted_mean_loss(
+    chosen: jax.Array,
+    rejected: jax.Array,
+    weight: jax.Array,
+    margin: jax.Array | None = None,
+    center_coef: float = 0.0,
+    normalizer: jax.Array | float | None = None,
+) -> jax.Array:
+    """The loss to differentiate: `sum(weight * loss_terms) / normalizer`.
+
+    `normalizer` defaults to `sum(weight)` (mean over this batch's real pairs). Pass the number of
+    real pairs in the whole accumulation window / global batch to make the accumulated gradient the
+    exact gradient of the global mean even when micro-batches hold different numbers of real pairs.
+    A zero normalizer (all filler) gives loss 0 and zero gradient, not NaN.
+    """
+    total = weighted_loss_sum(chosen, rejected, weight, margin, center_coef)
+    den = jnp.sum(_f32(weight)) if normalizer is None else _f32(normalizer)
+    return total / jnp.where(den > 0, den, 1.0)
+
+
+def pair_metrics(
+    chosen: jax.Array,
+    rejected: jax.Array,
+    weight: jax.Array,
+    margin: jax.Array | None = None,
+    center_coef: float = 0.0,
+) -> dict[str, jax.Array]:
+    """Weighted float32 sums (keys `METRIC_SUM_KEYS`) for exact averaging; add them, then finalize.
+
+    Pass the same `margin` / `center_coef` as the loss so `loss_sum` is the optimized objective.
+    """
+    loss_sum = weighted_loss_sum(chosen, rejected, weight, margin, center_coef)
+    chosen, rejected, weight, real, _ = _masked_inputs(chosen, rejected, weight, None)
+    w = jnp.where(real, weight, 0.0)
+    return {
+        "loss_sum": loss_sum,
+        "correct_sum": jnp.sum(w * (chosen > rejected).astype(jnp.float32)),
+        "chosen_sum": jnp.sum(w * chosen),
+        "rejected_sum": jnp.sum(w * rejected),
+        "margin_sum": jnp.sum(w * (chosen - rejected)),
+        "count": jnp.sum(w),
+    }
+
+
+def add_metrics(a: dict[str, jax.Array], b: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Adds two metric-sum dicts (micro-batches, eval batches)."""
+    return {k: a[k] + b[k] for k in METRIC_SUM_KEYS}
+
+
+def finalize_metrics(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Means (sum / count) under the logged names; a zero count gives NaN (nothing was measured)."""
+    count = sums["count"]
+    return {
+        "rm/loss": sums["loss_sum"] / count,
+        "rm/accuracy": sums["correct_sum"] / count,
+        "rm/chosen_rewards": sums["chosen_sum"] / count,
+        "rm/rejected_rewards": sums["rejected_sum"] / count,
+        "rm/reward_margin": sums["margin_sum"] / count,
+    }
