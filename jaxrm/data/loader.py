@@ -1,0 +1,204 @@
+"""Batches for the trainer: grain datasets of host-local numpy steps, and their global arrays.
+
+Batch contract (host-local numpy dict per optimizer step; k = micro-batches per step, m = pairs
+per micro-batch on this process = global pairs per micro-batch / process count):
+
+    input_ids       int32   [k, 2m, T]  per micro-batch: m chosen rows, then the m matching
+                                        rejected rows; right-padded with the pad id
+    attention_mask  int32   [k, 2m, T]  1 on real tokens (a prefix of each row), 0 on padding
+    lengths         int32   [k, 2m]     real tokens per row
+    margin          float32 [k, m]      0.0 when the dataset has no margin column
+    weight          float32 [k, m]      1.0 for real pairs, 0.0 for filler pairs (eval only)
+
+T is the smallest length bucket that fits the longest row of the whole *global* step (all k
+micro-batches on all processes), so every process pads to the same T and the number of compiled
+shapes is bounded by the bucket count.
+
+Order: every host shuffles the full dataset the same way (grain's index shuffle, seed + epoch),
+cuts it into global steps of k x G pairs, drops the incomplete last step of each epoch, and hands
+process p the contiguous slice [p*m, (p+1)*m) of each global micro-batch, so all processes get the
+same number of steps. After `to_global`, dim 1 of a global array holds the processes' blocks in
+process order: `[chosen_0, rejected_0, chosen_1, rejected_1, ...]` for `input_ids` (one block per
+process), while `margin`/`weight` are `[pairs_0, pairs_1, ...]`.
+
+The train iterator's `get_state()` is a small JSON-serializable dict (`{"next_index": step}`);
+`set_state()` resumes at exactly the next step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxrm.data.pairs import Pairs
+from jaxrm.errors import UserError
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def length_buckets(max_token_length: int, min_length: int = 64) -> list[int]:
+    """Padded lengths: min_length, doubling, capped by (and always ending at) max_token_length."""
+    buckets, b = [], min_length
+    while b < max_token_length:
+        buckets.append(b)
+        b *= 2
+    return [*buckets, max_token_length]
+
+
+def steps_per_epoch(
+    num_pairs: int, global_pairs_per_micro_batch: int, grad_accum_steps: int
+) -> int:
+    """Optimizer steps in one epoch (the incomplete last global step is dropped)."""
+    return num_pairs // (global_pairs_per_micro_batch * grad_accum_steps)
+
+
+def train_dataset(
+    pairs: Pairs,
+    *,
+    global_pairs_per_micro_batch: int,
+    grad_accum_steps: int,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    buckets: Sequence[int] | None = None,
+    num_epochs: int | None = None,
+) -> grain.MapDataset:
+    """One element per optimizer step (batch contract above); infinite when num_epochs is None."""
+    process_index, process_count = _process(process_index, process_count)
+    m = _local_pairs(global_pairs_per_micro_batch, process_count)
+    per_step = global_pairs_per_micro_batch * grad_accum_steps
+    steps = steps_per_epoch(len(pairs), global_pairs_per_micro_batch, grad_accum_steps)
+    if not steps:
+        raise UserError(
+            f"{len(pairs)} training pairs are fewer than one optimizer step of {per_step} "
+            "(pairs per micro-batch x gradient accumulation steps)"
+        )
+    order = grain.MapDataset.range(len(pairs)).shuffle(seed=seed)
+    collate = _Collate(pairs, buckets)
+
+    def make_step(index: int, _: int) -> dict[str, np.ndarray]:
+        epoch, step = divmod(index, steps)
+        start = epoch * len(pairs) + step * per_step
+        ids = np.array([order[i] for i in range(start, start + per_step)], dtype=np.int64)
+        ids = ids.reshape(grad_accum_steps, global_pairs_per_micro_batch)
+        local = ids[:, process_index * m : (process_index + 1) * m]
+        return collate(local, np.ones(local.shape, np.float32), collate.bucket(ids))
+
+    return grain.MapDataset.range(steps).repeat(num_epochs).map_with_index(make_step)
+
+
+def train_iterator(
+    pairs: Pairs,
+    *,
+    global_pairs_per_micro_batch: int,
+    grad_accum_steps: int,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    buckets: Sequence[int] | None = None,
+    num_epochs: int | None = None,
+    prefetch: int = 4,
+) -> grain.DatasetIterator:
+    """`train_dataset` as a checkpointable iterator, prefetched by one background thread."""
+    dataset = train_dataset(
+        pairs,
+        global_pairs_per_micro_batch=global_pairs_per_micro_batch,
+        grad_accum_steps=grad_accum_steps,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        buckets=buckets,
+        num_epochs=num_epochs,
+    )
+    options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch)
+    return iter(dataset.to_iter_dataset(options))
+
+
+def eval_batches(
+    pairs: Pairs,
+    *,
+    global_pairs_per_batch: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    buckets: Sequence[int] | None = None,
+) -> grain.MapDataset:
+    """One pass over all pairs in order (k = 1); the last global batch is completed with filler
+    pairs of weight 0, so every real pair counts exactly once."""
+    process_index, process_count = _process(process_index, process_count)
+    m = _local_pairs(global_pairs_per_batch, process_count)
+    n, g = len(pairs), global_pairs_per_batch
+    filler = int(np.argmin(pairs.max_lengths())) if n else 0
+    collate = _Collate(pairs, buckets)
+
+    def make_batch(b: int) -> dict[str, np.ndarray]:
+        positions = np.arange(b * g, (b + 1) * g)[None, :]
+        ids = np.where(positions < n, positions, filler)
+        local = slice(process_index * m, (process_index + 1) * m)
+        weight = (positions[:, local] < n).astype(np.float32)
+        return collate(ids[:, local], weight, collate.bucket(ids))
+
+    return grain.MapDataset.range(-(-n // g)).map(make_batch)
+
+
+def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Host-local arrays -> global arrays, dim 1 (rows / pairs) sharded over ('data', 'fsdp')."""
+    sharding = NamedSharding(mesh, P(None, BATCH_AXES))
+    return {
+        key: jax.make_array_from_process_local_data(sharding, value) for key, value in batch.items()
+    }
+
+
+class _Collate:
+    """Pads the pairs of index array [k, m] into the batch contract at padded length T."""
+
+    def __init__(self, pairs: Pairs, buckets: Sequence[int] | None):
+        self.pairs = pairs
+        self.longest = pairs.max_lengths()
+        self.buckets = sorted(buckets) if buckets else length_buckets(int(self.longest.max()))
+
+    def bucket(self, ids: np.ndarray) -> int:
+        longest = int(self.longest[ids].max())
+        for b in self.buckets:
+            if b >= longest:
+                return b
+        raise UserError(f"a pair of {longest} tokens exceeds the largest length bucket {b}")
+
+    def __call__(self, ids: np.ndarray, weight: np.ndarray, t: int) -> dict[str, np.ndarray]:
+        k, m = ids.shape
+        p = self.pairs
+        input_ids = np.full((k, 2 * m, t), p.pad_token_id, dtype=np.int32)
+        lengths = np.zeros((k, 2 * m), dtype=np.int32)
+        for a in range(k):
+            for j in range(m):
+                for row, seq in ((j, p.chosen[ids[a, j]]), (m + j, p.rejected[ids[a, j]])):
+                    input_ids[a, row, : len(seq)] = seq
+                    lengths[a, row] = len(seq)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": (np.arange(t) < lengths[..., None]).astype(np.int32),
+            "lengths": lengths,
+            "margin": p.margin[ids].astype(np.float32),
+            "weight": weight,
+        }
+
+
+def _process(index: int | None, count: int | None) -> tuple[int, int]:
+    index = jax.process_index() if index is None else index
+    count = jax.process_count() if count is None else count
+    if not 0 <= index < count:
+        raise ValueError(f"process_index {index} is not in [0, {count})")
+    return index, count
+
+
+def _local_pairs(global_pairs: int, process_count: int) -> int:
+    if global_pairs <= 0 or global_pairs % process_count:
+        raise UserError(
+            f"{global_pairs} pairs per global batch do not split evenly over "
+            f"{process_count} processes"
+        )
+    return global_pairs // process_count

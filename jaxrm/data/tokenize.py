@@ -1,0 +1,168 @@
+"""Tokenization with the tokenizer's chat template, exactly once per conversation.
+
+`apply_chat_template(conversations, tokenize=True)` renders and tokenizes in one call with
+`add_special_tokens=False`, so a template that adds no BOS (Tulu) gets none, and one that writes
+its own BOS gets exactly one: template text is never re-tokenized with special tokens added. The
+prompt is tokenized once more with `add_generation_prompt=True`, only for its length (the prompt
+filter).
+
+Big datasets are tokenized by `num_proc` *spawned* worker processes (forking a process that runs
+JAX or gRPC threads can deadlock), each given contiguous row blocks as arrow tables; a tqdm bar
+counts rows. Workers re-import this module, so a calling script needs the usual
+`if __name__ == "__main__":` guard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from jaxrm.data.formats import PRETOKENIZED, Example, normalize
+from jaxrm.data.pairs import Pairs, Ragged
+from jaxrm.errors import UserError
+
+if TYPE_CHECKING:
+    import datasets
+
+ROWS_PER_PROCESS = 2000  # below this many rows per worker, spawning workers costs more
+BATCH_ROWS = 256  # rows rendered and tokenized per call (the Rust tokenizer batches internally)
+
+Columns = tuple[Ragged, Ragged, np.ndarray, np.ndarray, np.ndarray]
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of everything that changes token ids: vocab/merges/added tokens, chat template,
+    special tokens and the tokenizer class."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    extra = {
+        "class": type(tokenizer).__name__,
+        "chat_template": tokenizer.chat_template,
+        "special_tokens": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    h.update(json.dumps(extra, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The padding value (only ever masked out; 0 if the tokenizer has no pad token)."""
+    return 0 if tokenizer.pad_token_id is None else int(tokenizer.pad_token_id)
+
+
+def tokenize_rows(
+    dataset: datasets.Dataset,
+    rows: np.ndarray,
+    *,
+    name: str,
+    fmt: str,
+    tokenizer: Any,
+    num_proc: int | None,
+) -> tuple[Pairs, np.ndarray]:
+    """Tokenizes `dataset` rows `rows` -> (pairs in that order, per pair: prompts differ)."""
+    if fmt != PRETOKENIZED and not tokenizer.chat_template:
+        raise UserError(f"{name}: the tokenizer has no chat template to render conversations")
+    table = dataset.select(rows).with_format("arrow")[:]
+    tokenize = _Tokenize(name, fmt, tokenizer)
+    procs = num_proc if num_proc and len(rows) >= ROWS_PER_PROCESS * num_proc else 1
+    with tqdm(total=len(rows), desc=f"tokenizing {name}", unit=" pairs") as bar:
+        if procs == 1:
+            parts = [tokenize(table, rows, bar.update)]
+        else:
+            bounds = np.linspace(0, len(rows), 4 * procs + 1).astype(int)
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(procs, context, _init_worker, (tokenize,)) as pool:
+                futures = [
+                    pool.submit(_in_worker, table.slice(a, b - a), rows[a:b])
+                    for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+                ]
+                parts = []
+                for future in futures:
+                    parts.append(future.result())
+                    bar.update(len(parts[-1][2]))
+    chosen, rejected, margin, prompt_lengths, differs = zip(*parts, strict=True)
+    pairs = Pairs(
+        Ragged.concat(list(chosen)),
+        Ragged.concat(list(rejected)),
+        np.concatenate(margin),
+        np.concatenate(prompt_lengths),
+        pad_token_id(tokenizer),
+    )
+    return pairs, np.concatenate(differs)
+
+
+_worker_tokenize: _Tokenize | None = None
+
+
+def _init_worker(tokenize: _Tokenize) -> None:
+    global _worker_tokenize
+    _worker_tokenize = tokenize
+
+
+def _in_worker(table: pa.Table, rows: np.ndarray) -> Columns:
+    return _worker_tokenize(table, rows)
+
+
+class _Tokenize:
+    """Normalizes and tokenizes a block of rows (a class so that it pickles to workers)."""
+
+    def __init__(self, name: str, fmt: str, tokenizer: Any):
+        self.name, self.fmt, self.tokenizer = name, fmt, tokenizer
+
+    def __call__(self, table: pa.Table, rows: np.ndarray, progress: Any = None) -> Columns:
+        chosen, rejected, margin, prompt_lengths, differs = [], [], [], [], []
+        for start in range(0, len(table), BATCH_ROWS):
+            batch = table.slice(start, BATCH_ROWS).to_pylist()
+            examples = [
+                normalize(self.name, self.fmt, row, int(rows[start + i]))
+                for i, row in enumerate(batch)
+            ]
+            if self.fmt == PRETOKENIZED:
+                chosen += [e.chosen for e in examples]
+                rejected += [e.rejected for e in examples]
+                prompt_lengths += [-1 if e.prompt is None else len(e.prompt) for e in examples]
+            else:
+                chosen += self._render([e.chosen for e in examples])
+                rejected += self._render([e.rejected for e in examples])
+                prompt_lengths += self._prompt_lengths(examples)
+            margin += [e.margin for e in examples]
+            differs += [e.prompt_differs for e in examples]
+            if progress is not None:
+                progress(len(batch))
+        return (
+            Ragged.from_lists(chosen),
+            Ragged.from_lists(rejected),
+            np.asarray(margin, dtype=np.float32),
+            np.asarray(prompt_lengths, dtype=np.int32),
+            np.asarray(differs, dtype=bool),
+        )
+
+    def _render(self, conversations: list, generation_prompt: bool = False) -> list[list[int]]:
+        if not conversations:
+            return []
+        return self.tokenizer.apply_chat_template(
+            conversations,
+            tokenize=True,
+            return_dict=False,
+            add_generation_prompt=generation_prompt,
+        )
+
+    def _prompt_lengths(self, examples: list[Example]) -> list[int]:
+        """Tokens of the prompt with the generation prompt; 0 for a pair without a prompt."""
+        with_prompt = [i for i, e in enumerate(examples) if e.prompt]
+        ids = self._render([examples[i].prompt for i in with_prompt], generation_prompt=True)
+        lengths = [0] * len(examples)
+        for i, row in zip(with_prompt, ids, strict=True):
+            lengths[i] = len(row)
+        return lengths
