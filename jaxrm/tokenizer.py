@@ -1,0 +1,47 @@
+"""Tokenizer loading and chat-template encoding, done exactly once per conversation.
+
+The chat template's text is tokenized by `apply_chat_template(tokenize=True)` itself: never
+re-encode template text with special tokens added (that is how a double BOS happens).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jaxrm.errors import UserError
+
+Messages = list[dict[str, str]]
+
+
+def load_tokenizer(name_or_path: str, revision: str | None = None):
+    """An HF tokenizer that has a chat template and a pad token."""
+    from transformers import AutoTokenizer
+
+    local = Path(name_or_path).expanduser()
+    if str(name_or_path).startswith((".", "/", "~")) and not local.is_dir():
+        raise UserError(f"tokenizer directory {name_or_path} does not exist")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), revision=revision)
+    except Exception as e:  # noqa: BLE001 - any loading failure is one user-facing line
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load tokenizer {name_or_path}: {reason}") from None
+    if not tokenizer.chat_template:
+        raise UserError(f"tokenizer {name_or_path} has no chat template")
+    if tokenizer.pad_token_id is None:
+        raise UserError(
+            f"tokenizer {name_or_path} has no pad token; add one (e.g. '<pad>') distinct from eos"
+        )
+    return tokenizer
+
+
+def encode_conversation(
+    tokenizer, messages: Messages, where: str = "", add_generation_prompt: bool = False
+) -> list[int]:
+    """Token ids of `messages` rendered by the chat template (special tokens from the template)."""
+    try:
+        ids = tokenizer.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False
+        )
+    except Exception as e:  # noqa: BLE001 - template errors (jinja) are about the data
+        raise UserError(f"{where}: chat template failed ({type(e).__name__}: {e})") from None
+    return [int(t) for t in ids]
