@@ -1,0 +1,36 @@
+"""The offline default: the shipped tiny Llama (2 layers, hidden 64) on the shipped tiny preference
+set (4,000 train / 400 eval pairs that can only be learned by reading prompt and response).
+
+    python -m jaxrm.train --config configs/tiny.py [--config.output_dir=runs/tiny]
+
+On 2 CPU cores it trains 3 epochs (375 steps of 32 pairs) in a few minutes and reaches eval
+accuracy >= 0.85 (see README for the measured figures). Everything is float32 on CPU: XLA:CPU has
+no native bf16 and runs it slower.
+"""
+
+from jaxrm.assets import TINY_EVAL_FILE, TINY_MODEL_DIR, TINY_TRAIN_FILE
+from jaxrm.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.model_name_or_path = str(TINY_MODEL_DIR)
+    c.dataset_mixer_list = [str(TINY_TRAIN_FILE), "1.0"]
+    c.dataset_mixer_list_splits = ["train"]
+    c.dataset_mixer_eval_list = [str(TINY_EVAL_FILE), "1.0"]
+    c.dataset_mixer_eval_list_splits = ["train"]
+    c.max_token_length = 128
+    c.max_prompt_token_length = 96
+    c.learning_rate = 2e-3
+    c.lr_scheduler_type = "linear"
+    c.num_train_epochs = 3
+    c.total_train_batch_size = 32  # pairs per step, whatever the device count
+    c.per_device_eval_batch_size = 100
+    c.seed = 8
+    c.dtype = "float32"
+    c.param_dtype = "float32"
+    c.output_dir = "runs/tiny"
+    c.logging_steps = 10
+    c.eval_steps = 75
+    c.export_dtype = "float32"
+    return c

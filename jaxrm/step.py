@@ -1,0 +1,147 @@
+"""The sharded train and eval steps: pure `jax.jit` functions over (params, opt_state).
+
+The model is `nnx.split` once; the steps `nnx.merge` inside the trace, so no NNX graph work runs
+per call. A train step takes one optimizer step's batch `[k, 2m, T]` (k accumulation micro-batches;
+see jaxrm/data/loader.py), scans the micro-batches accumulating float32 gradients and metric sums,
+then applies clipping + AdamW once. Gradients are of the mean loss over all real pairs of the step,
+so k micro-batches of b pairs give the same update as one batch of k*b pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxrm.objective import (
+    METRIC_SUM_KEYS,
+    add_metrics,
+    pair_metrics,
+    split_pair_rewards,
+    weighted_loss_sum,
+)
+from jaxrm.sharding import activation_sharding, batch_sharding
+
+Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    num_blocks: int  # process blocks per micro-batch (see split_pair_rewards)
+    use_margin: bool = False
+    center_coef: float = 0.0
+
+
+def init_optimizer_state(optimizer: optax.GradientTransformation, params: Any, mesh: Mesh):
+    """Optimizer state laid out like the parameters it tracks (ZeRO-3: sharded over fsdp)."""
+    param_struct = jax.tree.structure(params)
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def is_params_like(node: Any) -> bool:
+        return not isinstance(node, jax.ShapeDtypeStruct) and _structure(node) == param_struct
+
+    shardings = jax.tree.map(
+        lambda node: param_shardings if is_params_like(node) else replicated,
+        jax.eval_shape(optimizer.init, params),
+        is_leaf=is_params_like,
+    )
+    return jax.jit(optimizer.init, out_shardings=shardings)(params)
+
+
+def _structure(node: Any) -> Any:
+    try:
+        return jax.tree.structure(node)
+    except Exception:  # noqa: BLE001 - not a pytree we can compare
+        return None
+
+
+def _loss_and_sums(
+    graphdef: nnx.GraphDef, params: Any, micro: Batch, normalizer: jax.Array, obj: Objective
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    model = nnx.merge(graphdef, params)
+    rewards = model(micro["input_ids"], micro["attention_mask"])
+    chosen, rejected = split_pair_rewards(rewards, obj.num_blocks)
+    margin = micro["margin"] if obj.use_margin else None
+    weight = micro["weight"]
+    loss_sum = weighted_loss_sum(chosen, rejected, weight, margin, obj.center_coef)
+    sums = pair_metrics(chosen, rejected, weight, margin, obj.center_coef)
+    return loss_sum / normalizer, sums
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    mesh: Mesh,
+    state_shardings: Any,
+    obj: Objective,
+) -> Callable[[Any, Batch], tuple[Any, dict[str, jax.Array]]]:
+    """`(params, opt_state), batch -> (params, opt_state), metric sums` as one jitted call."""
+
+    def step(state: Any, batch: Batch) -> tuple[Any, dict[str, jax.Array]]:
+        params, opt_state = state
+        normalizer = jnp.maximum(jnp.sum(batch["weight"]), 1.0)
+        grad_fn = jax.value_and_grad(_loss_and_sums, argnums=1, has_aux=True)
+
+        def micro_step(carry, micro):
+            grads, sums = carry
+            (_, micro_sums), micro_grads = grad_fn(graphdef, params, micro, normalizer, obj)
+            grads = jax.tree.map(jnp.add, grads, micro_grads)
+            return (grads, add_metrics(sums, micro_sums)), None
+
+        zero_grads = jax.tree.map(jnp.zeros_like, params)
+        zero_sums = {k: jnp.zeros((), jnp.float32) for k in METRIC_SUM_KEYS}
+        with activation_sharding(mesh):
+            (grads, sums), _ = jax.lax.scan(micro_step, (zero_grads, zero_sums), batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        sums = dict(sums, grad_norm=optax.global_norm(grads))
+        return (params, opt_state), sums
+
+    batch_shardings = {
+        key: batch_sharding(mesh, ndim, batch_dim=1)
+        for key, ndim in (
+            ("input_ids", 3),
+            ("attention_mask", 3),
+            ("lengths", 2),
+            ("margin", 2),
+            ("weight", 2),
+        )
+    }
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,),
+    )
+
+
+def make_eval_step(
+    graphdef: nnx.GraphDef, mesh: Mesh, param_shardings: Any, obj: Objective
+) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+    """`params, batch [1, 2m, T] -> metric sums` plus reward sums for the export's statistics."""
+
+    def step(params: Any, batch: Batch) -> dict[str, jax.Array]:
+        micro = jax.tree.map(lambda x: x[0], batch)
+        with activation_sharding(mesh):
+            model = nnx.merge(graphdef, params)
+            rewards = model(micro["input_ids"], micro["attention_mask"])
+        chosen, rejected = split_pair_rewards(rewards, obj.num_blocks)
+        weight = micro["weight"]
+        margin = micro["margin"] if obj.use_margin else None
+        sums = pair_metrics(chosen, rejected, weight, margin, obj.center_coef)
+        both = jnp.concatenate([chosen, rejected])
+        both_weight = jnp.concatenate([weight, weight])
+        sums["reward_sum"] = jnp.sum(both_weight * jnp.where(both_weight > 0, both, 0.0))
+        sums["reward_sq_sum"] = jnp.sum(both_weight * jnp.where(both_weight > 0, both, 0.0) ** 2)
+        return sums
+
+    return jax.jit(step, in_shardings=(param_shardings, None))
