@@ -111,3 +111,17 @@ def test_short_tiny_run_end_to_end(tmp_path):
     assert (output / "metrics.png").stat().st_size > 10_000
     assert (output / "hf" / "config.json").is_file()
     assert 0.0 <= summary["rm/accuracy"] <= 1.0
+
+
+def test_tulu8b_config_mirrors_the_reference():
+    from jaxrm.config import load_config_file
+
+    c = load_config_file("configs/tulu8b.py")
+    assert c.model_name_or_path == "allenai/Llama-3.1-Tulu-3-8B-SFT"
+    assert c.dataset_mixer_list == ["allenai/llama-3.1-tulu-3-8b-preference-mixture", "1.0"]
+    assert c.dataset_mixer_eval_list_splits == ["test_prefs"]
+    assert (c.learning_rate, c.lr_scheduler_type, c.warmup_ratio) == (3e-6, "linear", 0.0)
+    assert (c.num_train_epochs, c.total_train_batch_size, c.seed) == (1, 256, 8)
+    assert (c.max_token_length, c.max_prompt_token_length) == (4096, 2048)
+    assert (c.dtype, c.param_dtype, c.gradient_checkpointing) == ("bfloat16", "float32", True)
+    assert (c.weight_decay, c.adam_epsilon, c.max_grad_norm) == (0.01, 1e-5, 1.0)
