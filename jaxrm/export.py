@@ -1,0 +1,447 @@
+"""`python -m jaxrm.export`: a training checkpoint -> an HF `LlamaForSequenceClassification` dir.
+
+    python -m jaxrm.export --checkpoint OUTPUT_DIR [--step N] --output DIR
+        [--dtype bfloat16|float32] [--max_shard_size 5GB] [--overwrite]
+        [--push_to_hub REPO_ID [--revision BRANCH]]
+
+The result loads with `AutoModelForSequenceClassification.from_pretrained(DIR)` (PyTorch PPO):
+- `config.json`: the source model's config (every Llama field, vocab size as trained) with
+  `architectures: ["LlamaForSequenceClassification"]`, one label (`id2label {0: LABEL_0}`, so
+  `num_labels == 1`), the tokenizer's `pad_token_id`, and `dtype` (transformers 5) plus
+  `torch_dtype` (older readers).
+- Reward statistics over the eval set, when training computed them (checkpoint meta
+  `reward_stats`): `mean` and `std` at the top level of config.json, the keys OpenRLHF's reward
+  model reads from its config (`get_llm_for_sequence_regression`), plus `normalize_reward: false`
+  (OpenRLHF overwrites it from its own `--normalize_reward` flag; transformers ignores all three),
+  so loading never changes rewards unless the user opts in. The full {mean, std, count} is kept as
+  `reward_stats`. (OpenRLHF names its head `value_head` by default: pass it
+  `--value_head_prefix score`.)
+- Weights: safetensors (metadata `{"format": "pt"}`) named as transformers expects, score head
+  `score.weight` [1, hidden], no `lm_head`; one `model.safetensors`, or `--max_shard_size` shards
+  with `model.safetensors.index.json`. Every tensor is written whole (full shape).
+- The tokenizer files saved by training (with the chat template used in training).
+
+Memory: the parameters are restored sharded over all local devices; tensors are then gathered and
+written one at a time (stacked layers one layer at a time), so host memory holds about one tensor
+beyond what the devices hold (on a CPU-only host the devices *are* host memory). Each shard's header
+is planned from the shapes before any data is fetched, so no shard is ever held whole in memory.
+With several processes every process takes part in the gathers and only process 0 writes.
+
+Safety: the export is written to a hidden sibling directory and renamed to `--output` once
+complete; an existing non-empty `--output` is refused without `--overwrite`, and with it is replaced
+only after the new export is complete. An interrupted export leaves the target as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from jaxrm.checkpoint import CHECKPOINTS_SUBDIR, read_meta, restore_params, tokenizer_dir
+from jaxrm.errors import UserError, exit_on_user_error
+from jaxrm.hf import (
+    abstract_reward_model,
+    hf_shape,
+    iter_hf_tensors,
+    llama_config_from_hf,
+    tensor_map,
+)
+from jaxrm.models.llama import LlamaConfig
+from jaxrm.sharding import DEFAULT_RULES, Rules, make_mesh, state_shardings
+
+DTYPES = {"float32": (jnp.float32, "F32"), "bfloat16": (jnp.bfloat16, "BF16")}
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+ARCHITECTURE = "LlamaForSequenceClassification"
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_size(size: str | int) -> int:
+    """Bytes from an int or a string like '5GB', '500MB', '100KB', '2GiB' (transformers' units)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(size))
+        unit = match.group(2).lower() if match else None
+        if unit not in _SIZE_UNITS:
+            raise UserError(f"--max_shard_size {size!r}: expected a size like 5GB, 500MB or 100KB")
+        value = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if value <= 0:
+        raise UserError(f"--max_shard_size {size!r} must be positive")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning and writing safetensors shards
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def plan_tensors(config: LlamaConfig, dtype: str) -> list[PlannedTensor]:
+    """Every HF tensor of the export in `iter_hf_tensors` order, with its full HF shape."""
+    _, abstract = abstract_reward_model(config)
+    leaves = {tuple(str(k) for k in p): v for p, v in nnx.to_flat_state(abstract)}
+    itemsize = np.dtype(DTYPES[dtype][0]).itemsize
+    planned = []
+    for entry in tensor_map(config):
+        shape = tuple(leaves[entry.path].shape)
+        shape = hf_shape(entry.layout, shape[1:] if entry.stacked else shape)
+        for name in entry.hf_names(config.num_hidden_layers):
+            planned.append(PlannedTensor(name, shape, math.prod(shape) * itemsize))
+    return planned
+
+
+def split_shards(tensors: list[PlannedTensor], max_shard_size: int) -> list[list[PlannedTensor]]:
+    """Consecutive groups of at most `max_shard_size` bytes (a bigger tensor gets its own)."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return [SINGLE_FILE]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def safetensors_header(tensors: list[PlannedTensor], st_dtype: str) -> bytes:
+    """The length-prefixed JSON header (padded to 8 bytes) for tensors stored in this order."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {
+            "dtype": st_dtype,
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
+        offset += t.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
+def write_tensor(f: Any, planned: PlannedTensor, value: np.ndarray, dtype: Any) -> None:
+    """Appends one tensor's bytes after checking it is the planned, whole tensor."""
+    if value.shape != planned.shape or value.dtype != np.dtype(dtype):
+        raise RuntimeError(
+            f"export: {planned.name} is {value.dtype}{list(value.shape)}, expected "
+            f"{np.dtype(dtype)}{list(planned.shape)}"
+        )
+    np.ascontiguousarray(value).tofile(f)
+
+
+def write_weights(
+    directory: Path,
+    tensors: Iterator[tuple[str, np.ndarray]],
+    plan: list[PlannedTensor],
+    dtype: str,
+    max_shard_size: int,
+    writer: bool,
+) -> None:
+    """Streams `tensors` (in plan order) into shard files; non-writers only drain the iterator."""
+    jnp_dtype, st_dtype = DTYPES[dtype]
+    shards = split_shards(plan, max_shard_size)
+    names = shard_names(len(shards))
+    for shard, file_name in zip(shards, names, strict=True):
+        f = open(directory / file_name, "wb") if writer else None
+        try:
+            if f is not None:
+                f.write(safetensors_header(shard, st_dtype))
+            for planned in shard:
+                name, value = next(tensors)
+                if name != planned.name:
+                    raise RuntimeError(f"export: got {name}, expected {planned.name}")
+                if f is not None:
+                    write_tensor(f, planned, value, jnp_dtype)
+        finally:
+            if f is not None:
+                f.close()
+    if writer and len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.nbytes for t in plan)},
+            "weight_map": {t.name: n for s, n in zip(shards, names, strict=True) for t in s},
+        }
+        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters: restore sharded, gather one tensor at a time
+
+
+def abstract_params(config: LlamaConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dict:
+    """The pure-dict params tree as `jax.ShapeDtypeStruct`s in the training layout on `mesh`."""
+    _, abstract = abstract_reward_model(config)
+    shardings = state_shardings(abstract, mesh, rules)
+    structs = jax.tree.map(
+        lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+        abstract,
+        shardings,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+    return nnx.to_pure_dict(structs)
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+    """The whole array on this host (a collective when several processes hold parts of it)."""
+    if jax.process_count() > 1:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def tensor_fetchers(params: dict, dtype: Any) -> dict[tuple[str, ...], Callable]:
+    """For each param path, `fetch(layer)`: that layer's slice (or the whole param) on the host,
+    cast to `dtype` on the devices first."""
+
+    def fetcher(value: jax.Array) -> Callable[[int | None], np.ndarray]:
+        def fetch(layer: int | None) -> np.ndarray:
+            part = value if layer is None else value[layer]
+            return _gather(part.astype(dtype))
+
+        return fetch
+
+    flat: dict[tuple[str, ...], Callable] = {}
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, (*path, str(k)))
+        else:
+            flat[path] = fetcher(node)
+
+    walk(params, ())
+    return flat
+
+
+# ----------------------------------------------------------------------------------------------
+# Config, tokenizer, target directory
+
+
+def export_config(
+    hf_config: dict[str, Any], pad_token_id: int, dtype: str, reward_stats: dict | None
+) -> dict[str, Any]:
+    config = dict(hf_config)
+    for key in ("num_labels", "_num_labels"):
+        config.pop(key, None)
+    config.update(
+        architectures=[ARCHITECTURE],
+        id2label={"0": "LABEL_0"},
+        label2id={"LABEL_0": 0},
+        pad_token_id=int(pad_token_id),
+        dtype=dtype,
+        torch_dtype=dtype,
+    )
+    if reward_stats:
+        config.update(
+            mean=float(reward_stats["mean"]),
+            std=float(reward_stats["std"]),
+            normalize_reward=False,
+            reward_stats=dict(reward_stats),
+        )
+    return config
+
+
+def _pad_token_id(tokenizer_path: Path) -> int:
+    from jaxrm.tokenizer import load_tokenizer
+
+    return int(load_tokenizer(str(tokenizer_path)).pad_token_id)
+
+
+def _copy_tokenizer(source: Path, target: Path) -> None:
+    for path in sorted(source.iterdir()):
+        if path.is_file():
+            shutil.copy2(path, target / path.name)
+
+
+def _check_target(output: Path, overwrite: bool) -> None:
+    if output.exists() and not overwrite:
+        if output.is_file() or any(output.iterdir()):
+            raise UserError(f"{output} exists and is not empty; pass --overwrite to replace it")
+
+
+def _install(tmp: Path, output: Path) -> None:
+    """Moves the finished export to `output`; an old `output` is removed only after that."""
+    old = None
+    if output.exists() or output.is_symlink():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        os.replace(output, old)
+    try:
+        os.replace(tmp, output)
+    except BaseException:
+        if old is not None:
+            os.replace(old, output)
+        raise
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+
+
+def _training_output_dir(checkpoint: str | Path) -> Path:
+    """The training output directory, also when given its `checkpoints/` subdirectory."""
+    path = Path(os.path.expanduser(str(checkpoint))).absolute()
+    if not path.is_dir():
+        raise UserError(f"checkpoint directory {checkpoint} does not exist")
+    if path.name == CHECKPOINTS_SUBDIR and not (path / CHECKPOINTS_SUBDIR).is_dir():
+        return path.parent
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# The export
+
+
+def export_checkpoint(
+    checkpoint_dir: str | Path,
+    output: str | Path,
+    *,
+    step: int | None = None,
+    dtype: str = "float32",
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    mesh: Mesh | None = None,
+    rules: Rules = DEFAULT_RULES,
+) -> Path:
+    """Writes the HF export of `step` (default: the latest) of a training output dir to `output`.
+
+    Every process must call it (the gathers are collectives); only process 0 writes.
+    """
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    shard_bytes = parse_size(max_shard_size)
+    output = Path(os.path.expanduser(str(output))).absolute()
+    _check_target(output, overwrite)
+    run_dir = _training_output_dir(checkpoint_dir)
+    step, meta = read_meta(run_dir, step)
+    if not isinstance(meta.get("hf_config"), dict):
+        raise UserError(f"{run_dir} step {step}: checkpoint metadata has no hf_config")
+    tokenizer_path = tokenizer_dir(run_dir, meta)
+    if not tokenizer_path.is_dir():
+        raise UserError(f"tokenizer directory {tokenizer_path} (saved by training) does not exist")
+    hf_config = meta["hf_config"]
+    config = llama_config_from_hf(hf_config)
+    config_json = export_config(
+        hf_config, _pad_token_id(tokenizer_path), dtype, meta.get("reward_stats")
+    )
+    plan = plan_tensors(config, dtype)
+
+    mesh = mesh if mesh is not None else make_mesh(1, -1, 1)
+    params = restore_params(run_dir, step, abstract_params(config, mesh, rules))
+    tensors = iter_hf_tensors(tensor_fetchers(params, DTYPES[dtype][0]), config)
+
+    writer = jax.process_index() == 0
+    tmp = output.with_name(f".{output.name}.export-tmp-{os.getpid()}")
+    try:
+        if writer:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        write_weights(tmp, tensors, plan, dtype, shard_bytes, writer)
+        if writer:
+            (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True))
+            _copy_tokenizer(tokenizer_path, tmp)
+            _install(tmp, output)
+    finally:
+        if writer and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jaxrm.export done")
+    return output
+
+
+def push_to_hub(folder: Path, repo_id: str, revision: str | None) -> str:
+    """Uploads the export folder (creating the repo, and the branch when given)."""
+    try:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(repo_id, exist_ok=True)
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.upload_folder(
+            folder_path=str(folder),
+            repo_id=repo_id,
+            revision=revision,
+            commit_message="Upload jaxrm reward model",
+        )
+    except Exception as e:  # noqa: BLE001 - any hub failure is one user-facing line
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"push to hub {repo_id} failed: {reason}") from None
+    return str(getattr(info, "commit_url", repo_id))
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxrm.export", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--checkpoint", required=True, help="training output directory")
+    parser.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
+    parser.add_argument("--output", required=True, help="directory to write the HF model to")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="weights")
+    parser.add_argument("--max_shard_size", default="5GB", help="e.g. 5GB, 500MB")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID")
+    parser.add_argument("--revision", default=None, help="hub branch for --push_to_hub")
+    args = parser.parse_args(argv)
+    if args.revision and not args.push_to_hub:
+        parser.error("--revision needs --push_to_hub")
+    return args
+
+
+@exit_on_user_error
+def main(argv: Sequence[str] | None = None) -> Path:
+    args = parse_args(argv)
+    output = export_checkpoint(
+        args.checkpoint,
+        args.output,
+        step=args.step,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+    )
+    if jax.process_index() == 0:
+        print(f"exported {args.checkpoint} ({args.dtype}) -> {output}")
+        if args.push_to_hub:
+            print(f"pushed -> {push_to_hub(output, args.push_to_hub, args.revision)}")
+    return output
+
+
+if __name__ == "__main__":
+    main()
