@@ -1,0 +1,23 @@
+"""Shipped tiny offline assets (regenerate with ``python scripts/make_tiny_assets.py``).
+
+* ``TINY_MODEL_DIR``: a random-init 2-layer ``LlamaForCausalLM`` (float32 safetensors) with its
+  byte-level BPE tokenizer (Tulu chat template, ``<pad>`` != eos, no BOS added).
+* ``TINY_PREFS_DIR``: a conversational preference set (``train.jsonl``, ``eval.jsonl``) that is
+  learnable only by reading both the prompt and the response.
+"""
+
+from pathlib import Path
+
+ASSETS_DIR = Path(__file__).resolve().parent
+TINY_MODEL_DIR = ASSETS_DIR / "tiny-llama"
+TINY_PREFS_DIR = ASSETS_DIR / "tiny-prefs"
+TINY_TRAIN_FILE = TINY_PREFS_DIR / "train.jsonl"
+TINY_EVAL_FILE = TINY_PREFS_DIR / "eval.jsonl"
+
+__all__ = [
+    "ASSETS_DIR",
+    "TINY_EVAL_FILE",
+    "TINY_MODEL_DIR",
+    "TINY_PREFS_DIR",
+    "TINY_TRAIN_FILE",
+]
