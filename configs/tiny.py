@@ -3,8 +3,9 @@ set (4,000 train / 400 eval pairs that can only be learned by reading prompt and
 
     python -m jaxrm.train --config configs/tiny.py [--config.output_dir=runs/tiny]
 
-On 2 CPU cores it trains 3 epochs (375 steps of 32 pairs) in a few minutes and reaches eval
-accuracy >= 0.85 (see README for the measured figures). Everything is float32 on CPU: XLA:CPU has
+On 2 CPU cores it trains 8 epochs (1,000 steps of 32 pairs) in under two minutes: eval accuracy
+sits at chance for ~400 steps (the fresh head must learn to read the prompt), then climbs to
+>= 0.95 (see README for the measured figures). Everything is float32 on CPU: XLA:CPU has
 no native bf16 and runs it slower.
 """
 
@@ -21,9 +22,9 @@ def get_config():
     c.dataset_mixer_eval_list_splits = ["train"]
     c.max_token_length = 128
     c.max_prompt_token_length = 96
-    c.learning_rate = 2e-3
+    c.learning_rate = 1e-3
     c.lr_scheduler_type = "linear"
-    c.num_train_epochs = 3
+    c.num_train_epochs = 8
     c.total_train_batch_size = 32  # pairs per step, whatever the device count
     c.per_device_eval_batch_size = 100
     c.seed = 8
@@ -31,6 +32,6 @@ def get_config():
     c.param_dtype = "float32"
     c.output_dir = "runs/tiny"
     c.logging_steps = 10
-    c.eval_steps = 75
+    c.eval_steps = 125
     c.export_dtype = "float32"
     return c

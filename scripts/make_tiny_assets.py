@@ -13,17 +13,19 @@ Dataset task design. In every pair chosen and rejected responses are drawn from 
 distribution (and share one response template), and only the prompt tells which one is right, so a
 model that reads the response alone stays at chance while one that reads both can learn it:
 
-* ``category`` (40%): "Name one fruit." -> chosen an item of that category, rejected an item of
+* ``category`` (45%): "Name one fruit." -> chosen an item of that category, rejected an item of
   another category (6 categories x 8 items).
-* ``color`` (35%): "The cup is red. What color is the cup?" -> chosen the stated color, rejected
+* ``color`` (45%): "The cup is red. What color is the cup?" -> chosen the stated color, rejected
   another of the 8 colors.
-* ``opposite`` (25%): "What is the opposite of hot?" -> chosen the antonym, rejected the antonym
+* ``opposite`` (10%): "What is the opposite of hot?" -> chosen the antonym, rejected the antonym
   of another item (8 antonym pairs).
 
 About 10% of the rows carry a system message, another ~10% a multi-turn prompt (an earlier,
-correctly answered exchange). The last prompt template of each task is held out of train and used
-in half of the eval rows (held-out phrasings; holding out content combinations instead would plant
-spurious "this item is never right after this template" correlations in train).
+correctly answered exchange). Eval rows are fresh draws from the same generator (seeded apart from
+train): most are new (template, item, object, color, response-form, system/multi-turn) combinations
+never seen in train. An earlier version held out whole phrasings and combinations; that measured
+compositional generalization of a 2-layer model rather than the trainer, and planted spurious
+"this item is never right after this wording" correlations in train, so it was dropped.
 """
 
 from __future__ import annotations
@@ -119,22 +121,21 @@ SYSTEM_PROMPTS = [
 
 
 def _template(rng: random.Random, templates: list[str], split: str) -> str:
-    """The last template of each task is held out: never in train, half of the eval rows."""
-    if split == "eval" and rng.random() < 0.5:
-        return templates[-1]
-    return rng.choice(templates[:-1])
+    """Train and eval draw from the same phrasings (see the module docstring)."""
+    del split
+    return rng.choice(templates)
 
 
 def _task(rng: random.Random, split: str) -> tuple[str, str, str]:
     """One (user prompt, correct answer, wrong answer); both answers share one marginal."""
     kind = rng.random()
-    if kind < 0.4:
+    if kind < 0.45:
         # category: chosen is an item of the asked category, rejected one of another category
         c = rng.choice(CATS)
         prompt = _template(rng, CATEGORY_TEMPLATES, split).format(c=c)
         other = _other(rng, CATS, {c})
         return prompt, rng.choice(CATEGORIES[c]), rng.choice(CATEGORIES[other])
-    if kind < 0.75:
+    if kind < 0.9:
         # color recall: chosen repeats the stated color, rejected names another color
         o, c = rng.choice(OBJECTS), rng.choice(COLORS)
         prompt = _template(rng, COLOR_TEMPLATES, split).format(o=o, c=c)
