@@ -88,8 +88,13 @@ def test_sharded_forward_equals_single_device(tmp_path, mesh_shape):
 def test_score_head_init_statistics():
     d = 4096
     config = LlamaConfig(
-        vocab_size=8, hidden_size=d, intermediate_size=8, num_hidden_layers=1,
-        num_attention_heads=1, num_key_value_heads=1, head_dim=8,
+        vocab_size=8,
+        hidden_size=d,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        head_dim=8,
     )
     model = RewardModel(config, rngs=nnx.Rngs(3))
     kernel = np.asarray(model.score.kernel.value)
@@ -114,3 +119,58 @@ def test_fresh_head_from_causal_lm(tmp_path):
     assert kernel.shape == (32, 1) and 0 < kernel.std() < 0.5
     again, _, _ = load_reward_model(str(tmp_path), single_device_mesh(), seed=1)
     np.testing.assert_array_equal(kernel, np.asarray(again.score.kernel.value))
+
+
+def test_pytorch_bin_checkpoint_loads_like_safetensors(tmp_path):
+    import shutil
+
+    import torch
+
+    reference = save_tiny_classifier(tmp_path / "st", "gqa")
+    (tmp_path / "bin").mkdir()
+    shutil.copy(tmp_path / "st" / "config.json", tmp_path / "bin" / "config.json")
+    torch.save(reference.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    model, _, _ = load_reward_model(str(tmp_path / "bin"), single_device_mesh())
+    ids, mask = right_padded_batch(LENGTHS, vocab=96)
+    got = np.asarray(jax.jit(lambda m, i, a: m(i, a))(model, ids, mask))
+    np.testing.assert_allclose(got, torch_rewards(reference, ids, mask), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "save_attn_mlp_out"])
+def test_remat_policies_give_the_same_gradients(tmp_path, policy):
+    save_tiny_classifier(tmp_path, "gqa")
+    ids, mask = right_padded_batch(LENGTHS, vocab=96)
+
+    def grads(remat_policy):
+        model, _, _ = load_reward_model(
+            str(tmp_path), single_device_mesh(), remat_policy=remat_policy
+        )
+        graphdef, params = nnx.split(model)
+        loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(ids, mask) ** 2)  # noqa: E731
+        return jax.jit(jax.grad(loss))(params)
+
+    plain, rematerialized = grads("none"), grads(policy)
+    for (path, a), (_, b) in zip(
+        nnx.to_flat_state(plain), nnx.to_flat_state(rematerialized), strict=True
+    ):
+        np.testing.assert_allclose(
+            np.asarray(b.value), np.asarray(a.value), atol=1e-6, err_msg=path
+        )
+
+
+def test_embedding_grows_for_a_larger_tokenizer(tmp_path):
+    """A tokenizer with added tokens (e.g. a pad token): the embedding grows to a multiple of 8,
+    new rows are the mean of the old ones, and existing tokens score exactly as before."""
+    reference = save_tiny_classifier(tmp_path, "gqa")
+    model, hf_config, report = load_reward_model(
+        str(tmp_path), single_device_mesh(), min_vocab_size=99
+    )
+    table = np.asarray(model.model.embed_tokens.value)
+    old = reference.model.embed_tokens.weight.detach().numpy()
+    assert table.shape == (104, 32) and hf_config["vocab_size"] == 104
+    assert report.resized_vocab == (96, 104)
+    np.testing.assert_array_equal(table[:96], old)
+    np.testing.assert_allclose(table[96:], np.broadcast_to(old.mean(0), (8, 32)), atol=1e-6)
+    ids, mask = right_padded_batch(LENGTHS, vocab=96)
+    got = np.asarray(jax.jit(lambda m, i, a: m(i, a))(model, ids, mask))
+    np.testing.assert_allclose(got, torch_rewards(reference, ids, mask), atol=1e-4, rtol=0)
