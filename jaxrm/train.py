@@ -101,6 +101,10 @@ def build_model(cfg: ml_collections.ConfigDict, mesh, vocab_size: int):
     )
 
 
+def eval_fields(metrics: dict[str, Any]) -> dict[str, float]:
+    return {f"eval/{k}": v for k, v in metrics.items() if k != "reward_stats"}
+
+
 def evaluate(eval_step, params, eval_pairs, cfg, mesh, global_eval_pairs) -> dict[str, float]:
     """Exact metrics over every eval pair on all hosts, plus the reward mean/std for export."""
     batches = data.eval_batches(
@@ -247,6 +251,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         }
     writer = MetricsWriter(output_dir, enabled=is_main, config=to_dict(cfg), wandb=wandb)
     state = (params, opt_state)
+
+    def progress_fields(at: int) -> dict[str, Any]:
+        return {"step": at, "episode": at * step_pairs, "epoch": at / per_epoch}
+
+    def save_checkpoint(at: int, train_state: Any, force: bool = False) -> None:
+        params, opt_state = train_state
+        checkpointer.save(
+            at,
+            params=params,
+            opt_state=opt_state,
+            data_state=train_iter.get_state(),
+            meta=meta,
+            force=force,
+        )
+
     window: dict[str, jax.Array] = {}
     last_eval: dict[str, Any] = {}
     progress = tqdm(
@@ -278,41 +297,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             jax.block_until_ready(state)
         if eval_pairs is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
             last_eval = evaluate(eval_step, state[0], eval_pairs, cfg, mesh, eval_pairs_per_batch)
-            record.update({f"eval/{k}": v for k, v in last_eval.items() if k != "reward_stats"})
+            record.update(eval_fields(last_eval))
         if record:
-            record.update(step=step, episode=step * step_pairs, epoch=step / per_epoch)
-            writer.write(record)
+            writer.write({**record, **progress_fields(step)})
         if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0 and step < total_steps:
-            checkpointer.save(
-                step,
-                params=state[0],
-                opt_state=state[1],
-                data_state=train_iter.get_state(),
-                meta=meta,
-            )
+            save_checkpoint(step, state)
     progress.close()
 
     # ---- final eval and save
     if eval_pairs is not None:
         if not (cfg.eval_steps and step % cfg.eval_steps == 0 and last_eval):
             last_eval = evaluate(eval_step, state[0], eval_pairs, cfg, mesh, eval_pairs_per_batch)
-            writer.write(
-                {
-                    "step": step,
-                    "episode": step * step_pairs,
-                    "epoch": step / per_epoch,
-                    **{f"eval/{k}": v for k, v in last_eval.items() if k != "reward_stats"},
-                }
-            )
+            writer.write({**progress_fields(step), **eval_fields(last_eval)})
         meta["reward_stats"] = last_eval["reward_stats"]
-    checkpointer.save(
-        step,
-        params=state[0],
-        opt_state=state[1],
-        data_state=train_iter.get_state(),
-        meta=meta,
-        force=True,
-    )
+    save_checkpoint(step, state, force=True)
     checkpointer.wait()
     exported = None
     if cfg.export_hf:

@@ -13,6 +13,7 @@ import pytest
 from jaxrm.config import apply_override, base_config
 from jaxrm.errors import UserError
 from jaxrm.train import main as train_main
+from tests.test_score import assert_one_line_error
 
 
 def run_train(*overrides, timeout=600):
@@ -30,15 +31,6 @@ def run_train(*overrides, timeout=600):
         text=True,
         timeout=timeout,
     )
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr, result.stderr[-2000:]
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr[-2000:]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_overrides_are_typed():
