@@ -22,12 +22,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from jaxrm.errors import UserError
 from jaxrm.models.llama import LlamaConfig
 from jaxrm.models.reward import RewardModel, score_head_stddev
-from jaxrm.sharding import DEFAULT_RULES, Rules, named_sharding
+from jaxrm.sharding import DEFAULT_RULES, Rules, variable_sharding
 
 log = logging.getLogger(__name__)
 
@@ -362,11 +362,6 @@ def _state_leaves(state: nnx.State) -> dict[tuple[str, ...], nnx.Variable]:
     return {tuple(str(k) for k in path): v for path, v in nnx.to_flat_state(state)}
 
 
-def variable_sharding(variable: nnx.Variable, mesh: Mesh, rules: Rules) -> NamedSharding:
-    names = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
-    return named_sharding(names, mesh, rules, variable.shape)
-
-
 def load_reward_model(
     model_name_or_path: str,
     mesh: Mesh,
@@ -397,10 +392,9 @@ def load_reward_model(
         config = config.replace(vocab_size=-(-min_vocab_size // 8) * 8)
     entries = tensor_map(config, prefix)
     has_head = "score.weight" in names and not reinit_score_head
-    _check_tensors(model_dir, reader, entries, config, old_vocab, include_head=has_head)
-
     graphdef, abstract_state = abstract_reward_model(config)
     leaves = _state_leaves(abstract_state)
+    _check_tensors(model_dir, reader, entries, leaves, config, old_vocab, include_head=has_head)
     values: dict[tuple[str, ...], jax.Array] = {}
     for entry in entries:
         variable = leaves[entry.path]
@@ -444,13 +438,12 @@ def _check_tensors(
     model_dir: Path,
     reader: CheckpointReader,
     entries: list[TensorMap],
+    leaves: dict[tuple[str, ...], nnx.Variable],
     config: LlamaConfig,
     old_vocab: int,
     include_head: bool,
 ) -> None:
     """Every expected tensor present with its full HF shape, before anything is loaded."""
-    graphdef, abstract_state = abstract_reward_model(config)
-    leaves = _state_leaves(abstract_state)
     names = reader.names()
     for entry in entries:
         if entry.path == ("score", "kernel") and not include_head:

@@ -13,8 +13,8 @@ forward pass compiles once per bucket, not once per length.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -28,6 +28,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from jaxrm.data.formats import CONVERSATIONAL, detect_format, normalize, validate_conversation
+from jaxrm.data.loader import length_buckets
 from jaxrm.data.sources import SourceSpec, load_source
 from jaxrm.errors import UserError, exit_on_user_error
 from jaxrm.hf import load_reward_model, read_hf_config, resolve_model_dir
@@ -36,11 +37,6 @@ from jaxrm.tokenizer import encode_conversation, load_tokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MIN_BUCKET = 32
-
-
-def bucket_length(length: int) -> int:
-    """The padded length for a row: the next power of two, at least MIN_BUCKET."""
-    return max(MIN_BUCKET, 1 << math.ceil(math.log2(max(length, 1))))
 
 
 def conversations_of(rows: Sequence[dict[str, Any]], name: str) -> list[tuple[int, str, list]]:
@@ -84,12 +80,15 @@ def score_token_ids(
     def forward(state, ids, mask):
         return nnx.merge(graphdef, state)(ids, mask)
 
-    order = np.argsort([len(t) for t in token_ids], kind="stable")
+    lengths = [len(t) for t in token_ids]
+    buckets = length_buckets(max(lengths), min_length=MIN_BUCKET)
+    order = np.argsort(lengths, kind="stable")
     rewards = np.zeros(len(token_ids), np.float32)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     with activation_sharding(mesh):
         for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress):
-            width = bucket_length(max(len(token_ids[j]) for j in batch))
+            longest = max(lengths[j] for j in batch)
+            width = buckets[bisect.bisect_left(buckets, longest)]
             ids = np.zeros((batch_size, width), np.int32)
             mask = np.zeros((batch_size, width), np.int32)
             for row, j in enumerate(batch):

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxrm.errors import UserError
@@ -114,16 +115,19 @@ def named_sharding(
     return NamedSharding(mesh, logical_to_spec(names, mesh, rules, shape))
 
 
+def variable_sharding(variable: nnx.Variable, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    """The NamedSharding of an nnx Variable from its `out_sharding` logical names."""
+    names = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
+    return named_sharding(names, mesh, rules, variable.shape)
+
+
 def state_shardings(abstract_state, mesh: Mesh, rules: Rules = DEFAULT_RULES):
     """NamedShardings for an abstract nnx.State whose Variables carry `out_sharding` names."""
-
-    def one(variable):
-        names = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
-        return named_sharding(names, mesh, rules, variable.shape)
-
-    from flax import nnx
-
-    return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(
+        lambda v: variable_sharding(v, mesh, rules),
+        abstract_state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
 
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:

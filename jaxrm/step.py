@@ -24,7 +24,6 @@ from jaxrm.objective import (
     add_metrics,
     pair_metrics,
     split_pair_rewards,
-    weighted_loss_sum,
 )
 from jaxrm.sharding import activation_sharding, batch_sharding
 
@@ -70,15 +69,13 @@ def _loss_and_sums(
     chosen, rejected = split_pair_rewards(rewards, obj.num_blocks)
     margin = micro["margin"] if obj.use_margin else None
     weight = micro["weight"]
-    loss_sum = weighted_loss_sum(chosen, rejected, weight, margin, obj.center_coef)
     sums = pair_metrics(chosen, rejected, weight, margin, obj.center_coef)
-    return loss_sum / normalizer, sums
+    return sums["loss_sum"] / normalizer, sums
 
 
 def make_train_step(
     graphdef: nnx.GraphDef,
     optimizer: optax.GradientTransformation,
-    schedule: optax.Schedule,
     mesh: Mesh,
     state_shardings: Any,
     obj: Objective,
@@ -138,10 +135,10 @@ def make_eval_step(
         weight = micro["weight"]
         margin = micro["margin"] if obj.use_margin else None
         sums = pair_metrics(chosen, rejected, weight, margin, obj.center_coef)
-        both = jnp.concatenate([chosen, rejected])
         both_weight = jnp.concatenate([weight, weight])
-        sums["reward_sum"] = jnp.sum(both_weight * jnp.where(both_weight > 0, both, 0.0))
-        sums["reward_sq_sum"] = jnp.sum(both_weight * jnp.where(both_weight > 0, both, 0.0) ** 2)
+        both = jnp.where(both_weight > 0, jnp.concatenate([chosen, rejected]), 0.0)
+        sums["reward_sum"] = jnp.sum(both_weight * both)
+        sums["reward_sq_sum"] = jnp.sum(both_weight * both**2)
         return sums
 
     return jax.jit(step, in_shardings=(param_shardings, None))

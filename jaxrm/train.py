@@ -204,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
     state_shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
     obj = Objective(jax.process_count(), cfg.use_margin, cfg.center_rewards_coefficient)
-    train_step = make_train_step(graphdef, optimizer, schedule, mesh, state_shardings, obj)
+    train_step = make_train_step(graphdef, optimizer, mesh, state_shardings, obj)
     eval_step = make_eval_step(graphdef, mesh, param_shardings, obj)
 
     # ---- resume

@@ -56,7 +56,7 @@ def jax_losses(model_dir, mesh, steps_pairs, k: int = 1, total_steps: int | None
     graphdef, params = nnx.split(model)
     opt_state = init_optimizer_state(optimizer, params, mesh)
     shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
-    step = make_train_step(graphdef, optimizer, schedule, mesh, shardings, Objective(1))
+    step = make_train_step(graphdef, optimizer, mesh, shardings, Objective(1))
     state, losses = (params, opt_state), []
     from jaxrm.data import to_global
 
