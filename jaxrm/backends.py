@@ -16,7 +16,7 @@ import ml_collections
 
 from jaxrm.dtypes import COMPUTE_DTYPES
 from jaxrm.errors import UserError
-from jaxrm.hf import llama_config_from_hf, read_hf_config, resolve_model_dir
+from jaxrm.hf import llama_config_from_hf, model_architecture
 from jaxrm.models.llama import ATTENTION_IMPLEMENTATIONS
 
 log = logging.getLogger(__name__)
@@ -122,8 +122,8 @@ def resolve_execution(
 
 
 def model_head_dim(model_name_or_path: str, revision: str = "") -> int:
-    """head_dim from the model's config.json (a hub id is downloaded, as training would)."""
-    hf_config = read_hf_config(resolve_model_dir(model_name_or_path, revision or None))
+    """head_dim from the model's config.json alone (see `jaxrm.hf.model_architecture`)."""
+    hf_config, _ = model_architecture(model_name_or_path, revision or None)
     return llama_config_from_hf(hf_config).head_dim
 
 

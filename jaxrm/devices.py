@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxrm.backends import AUTO, model_head_dim, resolve_execution
 from jaxrm.config import base_config, get_config
+from jaxrm.data import packing
 from jaxrm.errors import UserError, exit_on_user_error, first_line
 from jaxrm.hf import check_model_sharding, model_architecture
 from jaxrm.models.attention import causal_attention, packed_attention
@@ -167,10 +168,11 @@ def execution_line(cfg: ml_collections.ConfigDict | None, backend: str) -> str:
     if cfg is None:
         run = resolve_execution(AUTO, AUTO, backend, layout=base_config().batch_layout)
         return f"{run.dtype} compute, {run.attention} attention (what auto means on {backend})"
-    local = bool(cfg.model_name_or_path) and Path(cfg.model_name_or_path).expanduser().is_dir()
-    head_dim = model_head_dim(cfg.model_name_or_path, cfg.model_revision) if local else None
+    try:
+        head_dim, unchecked = model_head_dim(cfg.model_name_or_path, cfg.model_revision), ""
+    except UserError:
+        head_dim, unchecked = None, "; head_dim not checked: the model's config.json is unreachable"
     run = resolve_execution(cfg.dtype, cfg.attention, backend, head_dim, cfg.batch_layout)
-    unchecked = "" if local else "; head_dim not checked: the model is not a local directory"
     return f"{run.dtype} compute, {run.attention} attention ({run.reason}{unchecked})"
 
 
@@ -183,11 +185,20 @@ def plan_lines(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device]) ->
     per_device = micro // dp
     shape = " x ".join(f"{axis} {size}" for axis, size in mesh.shape.items())
     yield f"mesh: {shape} over {mesh.size} devices ({dp} data-parallel)"
-    yield (
-        f"train: {step_pairs} pairs per optimizer step = {cfg.gradient_accumulation_steps} "
-        f"micro-batch(es) of {micro}; {per_device} pairs ({2 * per_device} sequences of up to "
-        f"{cfg.max_token_length} tokens) per device per micro-batch"
-    )
+    if cfg.batch_layout == "packed":
+        length = cfg.pack_length or packing.default_length(cfg.max_token_length)
+        rows = cfg.pack_rows_per_device or packing.default_rows(length)
+        shared = ", prompts shared" if cfg.prefix_sharing else ""
+        yield (
+            f"train: {step_pairs} pairs per optimizer step, packed{shared}: micro-batches of "
+            f"{rows} row(s) of {length} tokens per device, as many as the step's pairs fill"
+        )
+    else:
+        yield (
+            f"train: {step_pairs} pairs per optimizer step = {cfg.gradient_accumulation_steps} "
+            f"micro-batch(es) of {micro}; {per_device} pairs ({2 * per_device} sequences of up "
+            f"to {cfg.max_token_length} tokens) per device per micro-batch"
+        )
     yield f"eval: {eval_pairs} pairs per batch, {eval_pairs // dp} per device"
     yield sharding_line(cfg, mesh)
 

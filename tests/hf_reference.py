@@ -14,12 +14,19 @@ TINY_VARIANTS = {
         num_attention_heads=4,
         num_key_value_heads=1,
         rope_parameters=dict(
-            rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-            high_freq_factor=4.0, original_max_position_embeddings=16,
+            rope_type="llama3",
+            rope_theta=500000.0,
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=16,
         ),
     ),
     "linear_rope_bias": dict(
-        num_attention_heads=2, num_key_value_heads=2, attention_bias=True, mlp_bias=True,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        attention_bias=True,
+        mlp_bias=True,
         rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0),
     ),
 }
@@ -29,8 +36,14 @@ def tiny_llama_config(variant: str = "gqa", **overrides):
     from transformers import LlamaConfig
 
     kwargs = dict(
-        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        max_position_embeddings=128, rms_norm_eps=1e-5, pad_token_id=0, num_labels=1,
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        pad_token_id=0,
+        num_labels=1,
         tie_word_embeddings=False,
     )
     kwargs.update(TINY_VARIANTS[variant])

@@ -54,29 +54,54 @@ def test_report_without_config(capsys):
         (
             ["--config", "configs/tiny.py"],
             "data 1 x fsdp 8 x tensor 1 over 8 devices (8 data-parallel)",
+            "32 pairs per optimizer step, packed, prompts shared: micro-batches of 4 row(s) of "
+            "256 tokens per device, as many as the step's pairs fill",
+            "float32 compute, flash attention (dtype auto on cpu, attention auto on cpu)",
+        ),
+        (
+            ["--config", "configs/tiny.py", "--config.batch_layout=padded"],
+            "data 1 x fsdp 8 x tensor 1 over 8 devices (8 data-parallel)",
             "32 pairs per optimizer step = 1 micro-batch(es) of 32; 4 pairs (8 sequences of up "
             "to 128 tokens) per device per micro-batch",
             "float32 compute, flash attention (dtype auto on cpu, attention auto on cpu)",
         ),
         (
-            ["--config", "configs/tiny.py", "--config.mesh.data=2", "--config.mesh.tensor=2"],
+            [
+                "--config",
+                "configs/tiny.py",
+                "--config.batch_layout=padded",
+                "--config.mesh.data=2",
+                "--config.mesh.tensor=2",
+            ],
             "data 2 x fsdp 2 x tensor 2 over 8 devices (4 data-parallel)",
             "32 pairs per optimizer step = 1 micro-batch(es) of 32; 8 pairs",
             "float32 compute",
         ),
         (
-            ["--config", "configs/tiny.py", "--config.total_train_batch_size=0"],
+            [
+                "--config",
+                "configs/tiny.py",
+                "--config.total_train_batch_size=0",
+                "--config.pack_length=512",
+                "--config.prefix_sharing=false",
+            ],
             "data 1 x fsdp 8 x tensor 1",
-            "8 pairs per optimizer step = 1 micro-batch(es) of 8; 1 pairs",  # 1 per device
+            "8 pairs per optimizer step, packed: micro-batches of 2 row(s) of 512 tokens",
             "float32 compute",
         ),
         (
             ["--config", "configs/tulu8b.py"],
             "data 1 x fsdp 8 x tensor 1 over 8 devices (8 data-parallel)",
-            "256 pairs per optimizer step = 4 micro-batch(es) of 64; 8 pairs (16 sequences of "
-            "up to 4096 tokens) per device per micro-batch",
-            "bfloat16 compute, flash attention (dtype set, attention auto on cpu; head_dim not "
-            "checked: the model is not a local directory)",
+            "256 pairs per optimizer step, packed, prompts shared: micro-batches of 1 row(s) of "
+            "8192 tokens per device",
+            "bfloat16 compute, flash attention (dtype set, attention auto on cpu)",
+        ),
+        (
+            ["--config", "configs/tiny.py", "--config.model_name_or_path=no-such-org/no-model"],
+            "data 1 x fsdp 8 x tensor 1",
+            "32 pairs per optimizer step, packed",
+            "float32 compute, flash attention (dtype auto on cpu, attention auto on cpu; head_dim "
+            "not checked: the model's config.json is unreachable)",
         ),
     ],
 )
