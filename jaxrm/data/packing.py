@@ -140,20 +140,22 @@ def pack(
     ]
 
 
+def _zero_rows(spec: PackSpec, *names: str) -> dict[str, np.ndarray]:
+    """int32 zeros of one micro-batch's rows ([devices * rows, length]) for each name."""
+    return {name: np.zeros((spec.micro_rows, spec.length), np.int32) for name in names}
+
+
 def _micro_batch(
     pairs: Pairs, ids: np.ndarray, prefix: np.ndarray, rows: list[list[int]], spec: PackSpec
 ) -> dict[str, np.ndarray]:
-    g, t, s = spec.micro_rows, spec.length, spec.slots
-    batch = {
-        "input_ids": np.zeros((g, t), np.int32),
-        "positions": np.zeros((g, t), np.int32),
-        "segment_ids": np.zeros((g, t), np.int32),
-        "branch_ids": np.zeros((g, t), np.int32),
-        "chosen_index": np.zeros((spec.devices, s), np.int32),
-        "rejected_index": np.zeros((spec.devices, s), np.int32),
-        "margin": np.zeros((spec.devices, s), np.float32),
-        "weight": np.zeros((spec.devices, s), np.float32),
-    }
+    t, s = spec.length, spec.slots
+    batch = _zero_rows(spec, "input_ids", "positions", "segment_ids", "branch_ids")
+    batch.update(
+        chosen_index=np.zeros((spec.devices, s), np.int32),
+        rejected_index=np.zeros((spec.devices, s), np.int32),
+        margin=np.zeros((spec.devices, s), np.float32),
+        weight=np.zeros((spec.devices, s), np.float32),
+    )
     for r, members in enumerate(rows):
         device, local_row = divmod(r, spec.rows)
         offset = local_row * t  # flat index of the row's first token on its device
@@ -215,14 +217,12 @@ def pack_sequences(lengths: np.ndarray, spec: PackSpec) -> list[dict[str, np.nda
     g, t = spec.micro_rows, spec.length
     batches = []
     for m in range(max(1, math.ceil(len(rows) / g))):
-        batch = {
-            "positions": np.zeros((g, t), np.int32),
-            "segment_ids": np.zeros((g, t), np.int32),
-            "branch_ids": np.zeros((g, t), np.int32),
-            "index": np.zeros((spec.devices, slots), np.int32),
-            "order": np.zeros((spec.devices, slots), np.int64),
-            "weight": np.zeros((spec.devices, slots), np.float32),
-        }
+        batch = _zero_rows(spec, "positions", "segment_ids", "branch_ids")
+        batch.update(
+            index=np.zeros((spec.devices, slots), np.int32),
+            order=np.zeros((spec.devices, slots), np.int64),
+            weight=np.zeros((spec.devices, slots), np.float32),
+        )
         placements = []
         for r, members in enumerate(rows[m * g : (m + 1) * g]):
             device, local_row = divmod(r, spec.rows)
