@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 AUTO = "auto"
 
 # backend -> (compute dtype, attention implementations, fastest first). `flash` (jaxrm's blocked
-# kernel) skips masked and padded blocks and never forms T x T: on CPU it measured ~6x faster than
+# kernel) skips masked and padded blocks and never forms T x T: on CPU it measured ~5x faster than
 # XLA's fwd+bwd (benchmarks/RESULTS.md); cuDNN serves right-padded rows on GPUs.
 BACKEND_DEFAULTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "gpu": ("bfloat16", ("cudnn", "flash", "xla")),

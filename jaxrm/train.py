@@ -286,7 +286,7 @@ def pack_spec(
     rows = cfg.pack_rows_per_device or packing.default_rows(length)
     spec = packing.PackSpec(length, rows, dp, step_pairs, cfg.prefix_sharing)
     log.info(
-        "packed batches: %d rows of %d tokens per micro-batch (%d per device); a pair takes %.0f "
+        "packed batches: %d row(s) of %d tokens per micro-batch (%d per device); a pair takes %.0f "
         "tokens on average%s",
         spec.micro_rows,
         length,
