@@ -33,6 +33,19 @@ def first_line(e: BaseException, limit: int = 160) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+def write_failure(e: BaseException) -> str:
+    """Why a write failed, in words when the file system said so (orbax wraps OS errors)."""
+    text = str(e)
+    for marker, reason in (
+        ("No space left on device", "no space left on device"),
+        ("Read-only file system", "read-only file system"),
+        ("Permission denied", "permission denied"),
+    ):
+        if marker in text:
+            return reason
+    return first_line(e)
+
+
 def exit_on_user_error(main: Callable[..., Any]) -> Callable[..., Any]:
     """Wraps a CLI entry point: a UserError prints `error: <message>` and exits with status 2; a
     RunStopped prints `stopped: <message>` and exits with its own code."""

@@ -55,7 +55,7 @@ from jax.sharding import Mesh
 
 from jaxrm.checkpoint import read_meta, restore_params, tokenizer_dir, training_output_dir
 from jaxrm.dtypes import EXPORT_DTYPES, dtype_named
-from jaxrm.errors import UserError, exit_on_user_error, first_line, run_cli
+from jaxrm.errors import UserError, exit_on_user_error, first_line, run_cli, write_failure
 from jaxrm.hf import (
     abstract_reward_model,
     hf_shape,
@@ -270,6 +270,11 @@ def export_checkpoint(
             (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True))
             _copy_tokenizer(tokenizer_path, tmp)
             _install(tmp, output)
+    except OSError as e:
+        raise UserError(
+            f"could not write the export to {output} ({write_failure(e)}); nothing there was "
+            f"changed, and {run_dir} step {step} is intact"
+        ) from None
     finally:
         if writer and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from jaxrm.errors import UserError
+
 log = logging.getLogger(__name__)
 
 PLOTTED = (
@@ -83,21 +85,36 @@ def _finite_or_none(value: Any) -> Any:
 
 
 def keep_metrics_until(path: Path, last_step: int) -> None:
-    """Rewrites metrics.jsonl (atomically) without the records after `last_step`."""
+    """Rewrites metrics.jsonl (atomically) without the records after `last_step` (and without a
+    torn last line)."""
     records = read_metrics(path)
     kept = [r for r in records if r.get("step", 0) <= last_step]
-    if len(kept) == len(records):
+    text = "".join(json.dumps(r) + "\n" for r in kept)
+    if not Path(path).is_file() or Path(path).read_text() == text:
         return
     tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.write_text(text)
     os.replace(tmp, path)
-    log.info("metrics.jsonl: dropped %d records after step %d", len(records) - len(kept), last_step)
+    if len(kept) < len(records):
+        dropped = len(records) - len(kept)
+        log.info("metrics.jsonl: dropped %d records after step %d", dropped, last_step)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl; a torn last line (a write cut by a full disk or a kill) is
+    left out with a warning, a bad line elsewhere is a one-line error."""
     if not Path(path).is_file():
         return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number < len(lines):
+                raise UserError(f"{path}: line {number} is not JSON ({e.msg})") from None
+            log.warning("%s: leaving out its last line, cut short by an interrupted write", path)
+    return records
 
 
 def plot_metrics(records: list[dict[str, Any]], path: Path) -> None:

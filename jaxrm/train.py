@@ -40,8 +40,8 @@ from jaxrm.errors import (
     RunStopped,
     UserError,
     exit_on_user_error,
-    first_line,
     run_cli,
+    write_failure,
 )
 from jaxrm.evaluate import BenchmarkHook
 from jaxrm.hf import (
@@ -92,19 +92,6 @@ MODEL_SHAPE_KEYS = (
     "num_key_value_heads",
     "head_dim",
 )
-
-
-def write_failure(e: BaseException) -> str:
-    """Why a write failed, in words when the file system said so (orbax wraps OS errors)."""
-    text = str(e)
-    for marker, reason in (
-        ("No space left on device", "no space left on device"),
-        ("Read-only file system", "read-only file system"),
-        ("Permission denied", "permission denied"),
-    ):
-        if marker in text:
-            return reason
-    return first_line(e)
 
 
 def due(step: int, every: int) -> bool:
@@ -572,7 +559,11 @@ def train(
     if is_main:
         records = read_metrics(writer.path)
         if records:
-            plot_metrics(records, output_dir / "metrics.png")
+            try:
+                plot_metrics(records, output_dir / "metrics.png")
+            except OSError as e:
+                reason = write_failure(e)
+                log.warning("could not write metrics.png (%s); the run is complete", reason)
     summary = {"step": loop.step, "seconds": round(time.time() - started, 1)}
     summary.update({k: v for k, v in loop.last_eval.items() if k != "reward_stats"})
     if is_main:
@@ -698,7 +689,7 @@ class Loop:
         """Final eval (unless the last step had one), the final checkpoint, the HF export."""
         if self.eval_batches is not None:
             if self.last_eval_step != self.step:
-                self.writer.write({**self.progress_fields(self.step), **self.eval_record()})
+                self.log_record({**self.progress_fields(self.step), **self.eval_record()})
             self.meta["reward_stats"] = self.last_eval["reward_stats"]
         if self.step not in (self.saved_step, self.pending_step):
             self.save()
@@ -744,7 +735,7 @@ class Loop:
                 force=True,
             )
         except (OSError, ValueError, RuntimeError) as e:
-            raise self._write_error(self.step, e) from None
+            raise self._write_error(self._checkpoint_name(self.step), e) from None
         self.pending_step = self.step
         if wait:
             self.settle_saves()
@@ -757,16 +748,25 @@ class Loop:
         try:
             self.checkpointer.wait()
         except (OSError, ValueError, RuntimeError) as e:
-            raise self._write_error(self.pending_step, e) from None
+            raise self._write_error(self._checkpoint_name(self.pending_step), e) from None
         self.saved_step, self.pending_step = self.pending_step, None
         log.info("checkpoint step %d saved to %s", self.saved_step, self.checkpointer.directory)
 
-    def _write_error(self, step: int, e: BaseException) -> UserError:
+    def _checkpoint_name(self, step: int) -> str:
+        return f"checkpoint step {step} to {self.checkpointer.directory}"
+
+    def _write_error(self, what: str, e: BaseException) -> UserError:
+        """A failed write (a full disk) as one line naming the last complete checkpoint."""
         kept = f"step {self.saved_step}" if self.saved_step is not None else "none"
         return UserError(
-            f"could not write checkpoint step {step} to {self.checkpointer.directory} "
-            f"({write_failure(e)}); the last complete checkpoint is {kept}"
+            f"could not write {what} ({write_failure(e)}); the last complete checkpoint is {kept}"
         )
+
+    def log_record(self, record: dict[str, Any]) -> None:
+        try:
+            self.writer.write(record)
+        except OSError as e:
+            raise self._write_error(str(self.writer.path), e) from None
 
     def progress_fields(self, at: int) -> dict[str, Any]:
         return {"step": at, "episode": at * self.step_pairs, "epoch": at / self.per_epoch}
@@ -774,7 +774,7 @@ class Loop:
     def write(self, at: int, record: dict[str, Any], progress: tqdm) -> None:
         if not record:
             return
-        self.writer.write({**record, **self.progress_fields(at)})
+        self.log_record({**record, **self.progress_fields(at)})
         if record.get("train/rm/loss") is not None:
             progress.set_postfix(
                 loss=f"{record['train/rm/loss']:.4f}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import subprocess
 import sys
@@ -198,6 +199,14 @@ def test_interrupted_export_leaves_target_untouched(trained, exported, tmp_path,
         export_checkpoint(run, exported, overwrite=True)
     assert {p.name: p.read_bytes() for p in exported.iterdir()} == before
     assert sorted(p.name for p in exported.parent.iterdir()) == [exported.name]
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tensorfiles, "write_tensor", disk_full)  # a user's problem: one line
+    with pytest.raises(UserError, match=r"could not write the export to .* \(no space left on "):
+        export_checkpoint(run, exported, overwrite=True)
+    assert {p.name: p.read_bytes() for p in exported.iterdir()} == before
 
     monkeypatch.setattr(tensorfiles, "write_tensor", real)
     (exported / "stale.txt").write_text("old")

@@ -111,7 +111,7 @@ def run_cli(*args):
 
 def assert_one_line_error(result, *fragments):
     assert result.returncode != 0
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, result.stderr
     for fragment in fragments:

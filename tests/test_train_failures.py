@@ -26,10 +26,11 @@ from safetensors.numpy import load_file
 
 from jaxrm.assets import TINY_EVAL_FILE, TINY_MODEL_DIR
 from jaxrm.checkpoint import read_meta, restore_params
-from jaxrm.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_USER_ERROR
+from jaxrm.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 from jaxrm.export import abstract_params
 from jaxrm.hf import llama_config_from_hf
 from jaxrm.sharding import make_mesh
+from jaxrm.tracking import keep_metrics_until, read_metrics
 from tests.test_score import assert_one_line_error
 
 ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device: fast and simple
@@ -386,8 +387,33 @@ def test_read_only_or_full_disk_is_refused_before_loading(tmpfs):
 def test_disk_full_at_a_later_save_keeps_the_last_checkpoint(tmpfs):
     output = tmpfs("3m") / "run"
     result = train(output, "--config.checkpointing_steps=10", "--config.max_checkpoints_to_keep=5")
-    assert_one_line_error(result, "could not write checkpoint", "no space left on device")
+    # The checkpoint or the metrics.jsonl append meets the full disk first, as timing has it.
+    assert_one_line_error(
+        result, "could not write ", "no space left on device", "the last complete checkpoint is "
+    )
     message = [x for x in result.stderr.splitlines() if x.startswith("error:")][0]
     kept = int(message.rsplit("step ", 1)[1])
     assert str(kept) in {p.name for p in (output / "checkpoints").iterdir()}
     assert read_meta(output)[0] == kept  # complete and readable
+
+
+def test_a_metrics_file_that_cannot_be_written_is_one_line(tmp_path):
+    output = tmp_path / "run"
+    (output / "metrics.jsonl").mkdir(parents=True)  # opening it for appending fails
+    result = train(output, "--config.checkpointing_steps=0")
+    metrics_file = output / "metrics.jsonl"
+    assert_one_line_error(
+        result, f"could not write {metrics_file}", "the last complete checkpoint is none"
+    )
+
+
+def test_a_torn_last_metrics_line_is_left_out(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "a": 0.5}\n{"step": 2, "a": 0.25}\n{"step": 3, "a": 0.1')
+    assert read_metrics(path) == [{"step": 1, "a": 0.5}, {"step": 2, "a": 0.25}]
+    assert "cut short" in caplog.text
+    keep_metrics_until(path, 2)  # a resume rewrites the file without it
+    assert path.read_text() == '{"step": 1, "a": 0.5}\n{"step": 2, "a": 0.25}\n'
+    path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(UserError, match=r"metrics.jsonl: line 2 is not JSON"):
+        read_metrics(path)
