@@ -24,6 +24,7 @@ from typing import Any
 
 import ml_collections
 
+from jaxrm.data.packing import ROW_MULTIPLE
 from jaxrm.dtypes import COMPUTE_DTYPES, EXPORT_DTYPES
 from jaxrm.errors import UserError
 from jaxrm.models.llama import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
@@ -124,6 +125,7 @@ class Between:
     lo_open: bool = False
     hi_open: bool = False
     also: tuple[Any, ...] = ()  # further allowed values (e.g. -1 = "the rest")
+    multiple_of: int = 1
 
     def problem(self, value: Any) -> str | None:
         if value in self.also:
@@ -133,6 +135,8 @@ class Between:
             ok = value > self.lo if self.lo_open else value >= self.lo
         if ok and self.hi is not None:
             ok = value < self.hi if self.hi_open else value <= self.hi
+        if ok and self.multiple_of > 1 and value % self.multiple_of:
+            return f"must be a multiple of {self.multiple_of}"
         if ok:
             return None
         low = f"{'>' if self.lo_open else '>='} {self.lo}" if self.lo is not None else ""
@@ -169,7 +173,7 @@ CHECKS: dict[str, OneOf | Between] = {
     "param_dtype": OneOf(COMPUTE_DTYPES),
     "remat_policy": OneOf(tuple(REMAT_POLICIES)),
     "batch_layout": OneOf(("packed", "padded")),
-    "pack_length": NON_NEGATIVE,
+    "pack_length": Between(0, multiple_of=ROW_MULTIPLE),  # 0: default_length
     "pack_rows_per_device": NON_NEGATIVE,
     "attention": OneOf(("auto", *ATTENTION_IMPLEMENTATIONS)),
     "mesh.data": MESH_SIZE,

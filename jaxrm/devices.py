@@ -186,8 +186,9 @@ def plan_lines(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device]) ->
     shape = " x ".join(f"{axis} {size}" for axis, size in mesh.shape.items())
     yield f"mesh: {shape} over {mesh.size} devices ({dp} data-parallel)"
     if cfg.batch_layout == "packed":
-        length = cfg.pack_length or packing.default_length(cfg.max_token_length)
-        rows = cfg.pack_rows_per_device or packing.default_rows(length)
+        length, rows = packing.row_shape(
+            cfg.max_token_length, cfg.pack_length, cfg.pack_rows_per_device
+        )
         shared = ", prompts shared" if cfg.prefix_sharing else ""
         yield (
             f"train: {step_pairs} pairs per optimizer step, packed{shared}: micro-batches of "

@@ -182,13 +182,9 @@ def plan(
     votes = struct((mesh.size,), jnp.int32, NamedSharding(mesh, PartitionSpec(MESH_AXES)))
 
     if packed:
-        length = cfg.pack_length or packing.default_length(cfg.max_token_length)
-        if length % packing.ROW_MULTIPLE:
-            raise UserError(
-                f"config key 'pack_length' must be a multiple of {packing.ROW_MULTIPLE}, "
-                f"got {length}"
-            )
-        rows = cfg.pack_rows_per_device or packing.default_rows(length)
+        length, rows = packing.row_shape(
+            cfg.max_token_length, cfg.pack_length, cfg.pack_rows_per_device
+        )
         shapes = {k: (rows * dp, length) for k in PACKED_FIELDS}
         shapes.update({k: (dp, step_pairs) for k, f in PACKED_FIELDS.items() if "slots" in f.dims})
         micro = batch_structs(PACKED_FIELDS, shapes, mesh)

@@ -262,15 +262,12 @@ def pack_spec(
     fixed sample of the training set."""
     if cfg.batch_layout != "packed":
         return None
-    length = cfg.pack_length or packing.default_length(cfg.max_token_length)
-    if length % packing.ROW_MULTIPLE:
-        raise UserError(
-            f"config key 'pack_length' must be a multiple of {packing.ROW_MULTIPLE}, got {length}"
-        )
+    length, rows = packing.row_shape(
+        cfg.max_token_length, cfg.pack_length, cfg.pack_rows_per_device
+    )
     sample = np.random.default_rng(0).permutation(len(pairs))[:20_000]
     groups = packing.group_lengths(pairs, sample, cfg.prefix_sharing)
     unshared = packing.group_lengths(pairs, sample, False)
-    rows = cfg.pack_rows_per_device or packing.default_rows(length)
     spec = packing.PackSpec(length, rows, dp, step_pairs, cfg.prefix_sharing)
     log.info(
         "packed batches: %d row(s) of %d tokens per micro-batch (%d per device); a pair takes %.0f "

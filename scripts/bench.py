@@ -139,7 +139,7 @@ def run_jaxrm(args, workdir: Path, pairs: list, layout: str) -> dict:
     from jaxrm.backends import resolve_execution
     from jaxrm.data.batch import to_global
     from jaxrm.data.loader import length_buckets
-    from jaxrm.data.packing import PackSpec, default_length, default_rows, pack
+    from jaxrm.data.packing import PackSpec, pack, row_shape
     from jaxrm.data.pairs import Pairs, Ragged
     from jaxrm.dtypes import BY_NAME
     from jaxrm.hf import load_reward_model
@@ -164,8 +164,7 @@ def run_jaxrm(args, workdir: Path, pairs: list, layout: str) -> dict:
     )
     steps = steps_of(list(range(len(pairs))), args.pairs_per_step)
     if layout == "packed":
-        length = default_length(args.max_length)
-        rows = args.pack_rows or default_rows(length)
+        length, rows = row_shape(args.max_length, 0, args.pack_rows)
         spec = PackSpec(length, rows, dp, args.pairs_per_step, True)
         host = [
             {"micro_batches": pack(data, np.array(ids), spec), "pairs": len(ids)} for ids in steps

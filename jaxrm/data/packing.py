@@ -84,6 +84,14 @@ def default_rows(length: int) -> int:
     return max(1, MIN_MICRO_TOKENS // length)
 
 
+def row_shape(
+    max_token_length: int, pack_length: int = 0, rows_per_device: int = 0
+) -> tuple[int, int]:
+    """(row length, rows per device) of a micro-batch: the config's values, 0 = the default."""
+    length = pack_length or default_length(max_token_length)
+    return length, rows_per_device or default_rows(length)
+
+
 def check_fits(longest_group: int, spec: PackSpec) -> None:
     if longest_group > spec.length:
         raise UserError(
