@@ -235,7 +235,6 @@ def export_checkpoint(
     output = Path(os.path.expanduser(str(output))).absolute()
     _check_target(output, overwrite)
     run_dir = _training_output_dir(checkpoint_dir)
-    explicit_step = step is not None
     meta_step, meta = read_meta(run_dir, step)
     if not isinstance(meta.get("hf_config"), dict):
         raise UserError(f"{run_dir} step {meta_step}: checkpoint metadata has no hf_config")
@@ -245,16 +244,13 @@ def export_checkpoint(
     hf_config = meta["hf_config"]
     config = llama_config_from_hf(hf_config)
     pad_id = _pad_token_id(tokenizer_path)
-    config_json = export_config(hf_config, pad_id, dtype, meta.get("reward_stats"))
     plan = plan_tensors(config, weight_dtype)
 
     mesh = mesh if mesh is not None else make_mesh(1, -1, 1)
-    requested = step if explicit_step else None
-    step, params = restore_params(run_dir, requested, abstract_params(config, mesh))
-    if step != meta_step:
-        config_json = export_config(
-            hf_config, pad_id, dtype, read_meta(run_dir, step)[1].get("reward_stats")
-        )
+    step, params = restore_params(run_dir, step, abstract_params(config, mesh))
+    if step != meta_step:  # the newest step did not read: the one restored has its own stats
+        meta = read_meta(run_dir, step)[1]
+    config_json = export_config(hf_config, pad_id, dtype, meta.get("reward_stats"))
     fetchers = tensor_fetchers(params, weight_dtype, f"{run_dir} step {step}")
     tensors = iter_hf_tensors(fetchers, config)
 

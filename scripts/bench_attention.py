@@ -3,11 +3,12 @@
     .venv/bin/python scripts/bench_attention.py                    # 8 heads / 4 kv, dim 64, 2048
     .venv/bin/python scripts/bench_attention.py --length 4096 --rows 2
 
-Rows of `--length` tokens are packed (first-fit decreasing, prompts shared as in training) with
-pairs of the chat-like lengths of `scripts/bench.py`; both implementations get the same q, k, v and
-ids. Timed: forward + backward of `sum(out * cotangent)` with respect to q, k, v, after a warm-up
-call, median of `--repeats`. Also printed: XLA's temporary bytes of each compiled program and the
-share of causal (query block, key block) pairs the kernel visits. Last line: one JSON object.
+Rows of `--length` tokens are filled in order with prompt-shared pair groups (prompt, chosen rest,
+rejected rest, as training packs them) of log-normal lengths like those of `scripts/bench.py`;
+both implementations get the same q, k, v and ids. Timed: forward + backward of
+`sum(out * cotangent)` with respect to q, k, v, after a warm-up call, median of `--repeats`.
+Also printed: XLA's temporary bytes of each compiled program and the share of causal (query
+block, key block) pairs the kernel visits. Last line: one JSON object.
 """
 
 from __future__ import annotations
