@@ -93,8 +93,11 @@ def keep_metrics_until(path: Path, last_step: int) -> None:
     if not Path(path).is_file() or Path(path).read_text() == text:
         return
     tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves no temporary behind
     if len(kept) < len(records):
         dropped = len(records) - len(kept)
         log.info("metrics.jsonl: dropped %d records after step %d", dropped, last_step)

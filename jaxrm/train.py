@@ -54,7 +54,7 @@ from jaxrm.hf import (
     resolve_model_dir,
 )
 from jaxrm.logs import setup_logging
-from jaxrm.objective import finalize_metrics
+from jaxrm.objective import METRIC_SUM_KEYS, finalize_metrics
 from jaxrm.optimizer import current_lr, make_optimizer, make_schedule
 from jaxrm.preemption import StopRequest
 from jaxrm.rundir import (
@@ -351,8 +351,7 @@ class StepAccounting:
         return record
 
     def _sums(self) -> dict[str, float]:
-        keys = ("loss_sum", "correct_sum", "chosen_sum", "rejected_sum", "margin_sum", "count")
-        return {k: np.float64(self._window.get(k, 0.0)) for k in keys}
+        return {k: np.float64(self._window.get(k, 0.0)) for k in METRIC_SUM_KEYS}
 
     def diverged(self) -> bool:
         return len(self.consecutive) >= self.cfg.max_consecutive_skipped_steps
