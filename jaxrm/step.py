@@ -9,11 +9,14 @@ so k micro-batches of b pairs give the same update as one batch of k*b pairs.
 Packed steps (jaxrm/data/packing.py) hold a varying number of micro-batches of one shape: each is
 a jitted accumulation of gradients and sums, then one jitted update, so nothing recompiles.
 
-Divergence guard: a step whose loss, gradient norm or updated parameters are not all finite is not
-applied (parameters and optimizer state, its step count included, stay as they were); it reports
-`skipped = 1` and zero metric sums. Stop votes: every process passes its own stop request (e.g. a
-SIGTERM) for each of its devices, and every process reads back the same `stop` (their maximum), so
-all processes of a multi-host run agree on the step to stop at without any extra collective.
+Divergence guard: a step whose loss or gradient norm is not finite is not applied (parameters and
+optimizer state, its step count included, stay as they were); it reports `skipped = 1` and zero
+metric sums. Finite gradients make a finite AdamW update, so the guard decides before the update
+and applies it under a condition: no second copy of the parameters and Adam state.
+
+Stop votes: every process passes its own stop request (e.g. a SIGTERM) for each of its devices,
+and every process reads back the same `stop` (their maximum), so all processes of a multi-host run
+agree on the step to stop at without any extra collective.
 """
 
 from __future__ import annotations
@@ -126,20 +129,26 @@ def _apply(
     sums: dict[str, jax.Array],
     votes: jax.Array,
 ) -> tuple[Any, dict[str, jax.Array]]:
-    """Clipping + AdamW with the divergence guard; the step's outputs."""
-    params, opt_state = state
+    """Clipping + AdamW with the divergence guard; the step's outputs.
+
+    The guard decides before the update, from the loss and the gradient norm (finite gradients
+    give a finite AdamW update: its denominator is at least eps), and applies the update under
+    `lax.cond`, so XLA updates the donated parameters and Adam moments in place instead of
+    holding new and old copies of both for a select (measured: scripts/memory_plan.py)."""
     grad_norm = optax.global_norm(grads)
-    updates, new_opt_state = optimizer.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm) & _all_finite(new_params)
-    params, opt_state = jax.tree.map(
-        lambda new, old: jnp.where(finite, new, old), (new_params, new_opt_state), state
-    )
+    finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
+
+    def update(state: Any) -> Any:
+        params, opt_state = state
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_opt_state
+
+    state = jax.lax.cond(finite, update, lambda state: state, state)
     sums = {k: jnp.where(finite, v, 0.0) for k, v in sums.items()}
     outputs = dict(
         sums, grad_norm=grad_norm, skipped=1 - finite.astype(jnp.int32), stop=jnp.max(votes)
     )
-    return (params, opt_state), outputs
+    return state, outputs
 
 
 def make_train_step(
@@ -236,11 +245,6 @@ class PackedTrainStep:
         for micro in batch["micro_batches"]:
             grads, sums = self.accumulate(state[0], grads, sums, micro, normalizer)
         return self.apply(state, grads, sums, votes)
-
-
-def _all_finite(tree: Any) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def make_eval_step(

@@ -53,6 +53,9 @@ def test_fsdp_divides_parameters_and_optimizer_state():
         # the donated buffers are reused: parameters + Adam state (apply), gradients (accumulate)
         assert 3 * params <= apply["aliased"] < 3 * params + 64
         assert params <= accumulate["aliased"] < params + 64
+        # the divergence guard applies AdamW under a condition, in place: no new copy of the
+        # parameters and Adam state beside the old one (a select after the update held 3.2x)
+        assert apply["temporaries"] < params
         for p in result["pieces"].values():
             assert p["total"] == p["arguments"] + p["outputs"] + p["temporaries"] - p["aliased"]
             assert p["peak"] == p["total"] + p["resident"]
