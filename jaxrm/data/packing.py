@@ -101,20 +101,32 @@ def check_fits(longest_group: int, spec: PackSpec) -> None:
 
 
 def first_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
-    """Items (indices into `lengths`) per bin, longest first; deterministic."""
-    order = np.argsort(-lengths, kind="stable")
+    """Items (indices into `lengths`) per bin, longest first; deterministic. Each item goes to the
+    first bin (in opening order) with room for it, else to a new bin: O(n log n) by a max tree
+    over the bins' free space (bins not opened yet have `capacity`), so the first leaf with room
+    is found in one descent."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    leaves = 1 << max(0, len(order) - 1).bit_length()
+    tree = [capacity] * (2 * leaves)  # tree[k] = max(tree[2k], tree[2k + 1]); leaves at [leaves:]
     bins: list[list[int]] = []
-    room: list[int] = []
-    for item in order:
-        size = int(lengths[item])
-        for b, free in enumerate(room):
-            if size <= free:
-                bins[b].append(int(item))
-                room[b] -= size
-                break
+    for item, size in zip(order.tolist(), np.asarray(lengths)[order].tolist(), strict=True):
+        if tree[1] < size:  # only an item longer than `capacity`: a bin of its own
+            b = len(bins)
         else:
-            bins.append([int(item)])
-            room.append(capacity - size)
+            k = 1
+            while k < leaves:
+                k = 2 * k if tree[2 * k] >= size else 2 * k + 1
+            b = k - leaves
+        if b == len(bins):
+            bins.append([item])
+        else:
+            bins[b].append(item)
+        k = b + leaves
+        tree[k] -= size
+        k //= 2
+        while k:
+            tree[k] = max(tree[2 * k], tree[2 * k + 1])
+            k //= 2
     return bins
 
 
