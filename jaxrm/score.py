@@ -8,19 +8,27 @@ orbax checkpoint `--step`, default the latest, read directly; the tokenizer save
 
 A row with `chosen` and `rejected` message lists gets `chosen_reward` and `rejected_reward`; a row
 with `messages` gets `reward`. Rows are written in input order (jsonl, json or parquet, by the
-output's suffix) with all their fields plus the rewards; pair rows' accuracy and mean margin are
-printed at the end. Conversations are sorted by length and padded to a few length buckets, so the
-forward pass compiles once per bucket, not once per length.
+output's suffix) with all their fields plus the rewards (a non-finite reward as null, with a
+warning); pair rows' accuracy and mean margin are printed at the end. Conversations are packed
+into rows of one shape, like training, so the forward pass compiles once; each distinct token
+sequence is scored once and every copy gets its reward, so identical conversations tie exactly.
+
+Refused up front, in one line, before any scoring: an `--output` that is a directory or cannot be
+written; a message role the chat template drops (as training refuses it); a conversation longer
+than the model's context (`max_position_embeddings`); a model holding a non-finite weight.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,10 +53,13 @@ from jaxrm.hf import (
     load_reward_model,
     read_hf_config,
     resolve_model_dir,
+    state_leaves,
+    tensor_map,
 )
 from jaxrm.logs import setup_logging
+from jaxrm.models.llama import LlamaConfig
 from jaxrm.sharding import activation_sharding, data_parallel_size, gather_to_host, make_mesh
-from jaxrm.tokenizer import encode_conversation, load_tokenizer
+from jaxrm.tokenizer import check_roles, encode_conversation, load_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +73,7 @@ class ModelSource:
     step: int | None  # the run's checkpoint step
     meta: dict[str, Any] | None  # the run's checkpoint metadata
     tokenizer: str  # the tokenizer to use
+    hf_config: dict[str, Any]  # the model's config.json (a run's: from its metadata)
 
     def describe(self) -> str:
         return self.name if self.run_dir is None else f"{self.name} step {self.step}"
@@ -79,15 +91,18 @@ def locate_model(
         if not isinstance(meta.get("hf_config"), dict):
             raise UserError(f"{run_dir} step {step}: checkpoint metadata has no hf_config")
         tokenizer = tokenizer or str(tokenizer_dir(run_dir, meta))
-        return ModelSource(str(name_or_path), None, run_dir, step, meta, tokenizer)
+        return ModelSource(
+            str(name_or_path), None, run_dir, step, meta, tokenizer, meta["hf_config"]
+        )
     if step is not None:
         raise UserError(
             f"--step {step}: {name_or_path} is not a jaxrm training output directory "
             "(no checkpoints/ in it)"
         )
     model_dir = resolve_model_dir(name_or_path)
-    read_hf_config(model_dir)
-    return ModelSource(str(name_or_path), model_dir, None, None, None, tokenizer or str(model_dir))
+    hf_config = read_hf_config(model_dir)
+    tokenizer = tokenizer or str(model_dir)
+    return ModelSource(str(name_or_path), model_dir, None, None, None, tokenizer, hf_config)
 
 
 def load_model(
@@ -95,7 +110,8 @@ def load_model(
 ) -> nnx.Module:
     """The located reward model, sharded on `mesh`, computing in `dtype`. A training run's params
     are restored straight into the training layout (its optimizer state is not read); an HF
-    model's embedding grows to `vocab_size` (the tokenizer's length) when that is larger."""
+    model's embedding grows to `vocab_size` (the tokenizer's length) when that is larger. A
+    non-finite weight is refused (`check_finite`)."""
     compute = dtype_named(dtype, EXPORT_DTYPES, "--dtype")
     if source.run_dir is not None:
         config = llama_config_from_hf(source.meta["hf_config"], dtype=compute, attention="flash")
@@ -107,8 +123,10 @@ def load_model(
         _, params = restore_params(source.run_dir, source.step, abstract_params(config, mesh))
         graphdef, state = abstract_reward_model(config)
         nnx.replace_by_pure_dict(state, params)
-        return nnx.merge(graphdef, state)
-    model, _, report = load_reward_model(
+        model = nnx.merge(graphdef, state)
+        check_finite(model, config, source.describe())
+        return model
+    model, hf_config, report = load_reward_model(
         str(source.model_dir), mesh, min_vocab_size=vocab_size, dtype=compute, attention="flash"
     )
     if report.head != "loaded":
@@ -117,11 +135,42 @@ def load_model(
             "freshly initialized head",
             file=sys.stderr,
         )
+    check_finite(model, llama_config_from_hf(hf_config), source.describe())
     return model
 
 
+def check_finite(model: nnx.Module, config: LlamaConfig, where: str) -> None:
+    """Refuses a model holding a non-finite weight (every reward would be NaN or meaningless), in
+    one line naming the first such tensor by its HF name. Checked on the devices: only one flag
+    per tensor (per layer) comes to the host."""
+    leaves = state_leaves(nnx.state(model))
+    entries = tensor_map(config)
+
+    def flags(values: list[jax.Array]) -> list[jax.Array]:
+        return [
+            jnp.isfinite(v).reshape(v.shape[0], -1).all(axis=1)
+            if e.stacked
+            else jnp.isfinite(v).all()
+            for e, v in zip(entries, values, strict=True)
+        ]
+
+    finite = jax.jit(flags)([leaves[e.path].value for e in entries])
+    for entry, ok in zip(entries, finite, strict=True):
+        bad = np.flatnonzero(~gather_to_host(ok).reshape(-1))
+        if len(bad):
+            name = entry.hf_names(config.num_hidden_layers)[int(bad[0])]
+            raise UserError(f"{where}: parameter {name} holds non-finite values; not scored")
+
+
+def reward_field(key: str) -> str:
+    """The field a conversation's reward is written to: `reward` for `messages`, else
+    `chosen_reward` / `rejected_reward`."""
+    return "reward" if key == "messages" else f"{key}_reward"
+
+
 def conversations_of(rows: Sequence[dict[str, Any]], name: str) -> list[tuple[int, str, list]]:
-    """(row, field, messages) for every conversation to score, validated."""
+    """(row, key, messages) for every conversation to score, validated; key is the column
+    (`messages`, `chosen` or `rejected`)."""
     columns = list(rows[0]) if rows else []
     if "messages" in columns and "chosen" not in columns:
         out = []
@@ -129,7 +178,7 @@ def conversations_of(rows: Sequence[dict[str, Any]], name: str) -> list[tuple[in
             if "messages" not in row:
                 raise UserError(f"{name} row {i}: missing key 'messages'")
             messages = validate_conversation(row["messages"], f"{name} row {i}", "messages")
-            out.append((i, "reward", messages))
+            out.append((i, "messages", messages))
         return out
     try:
         fmt = detect_format(name, columns, rows[0] if rows else None)
@@ -145,16 +194,49 @@ def conversations_of(rows: Sequence[dict[str, Any]], name: str) -> list[tuple[in
     out = []
     for i, row in enumerate(rows):
         example = normalize(name, fmt, row, i)
-        out += [(i, "chosen_reward", example.chosen), (i, "rejected_reward", example.rejected)]
+        out += [(i, "chosen", example.chosen), (i, "rejected", example.rejected)]
     return out
+
+
+IN_FLIGHT = 1  # micro-batches computing on the devices while the host prepares the next one
+
+
+def distinct_sequences(token_ids: Sequence[Sequence[int]]) -> tuple[list, np.ndarray]:
+    """The distinct sequences, in an order fixed by their contents alone (so any file holding the
+    same sequences packs them alike), and per sequence the index of its distinct copy. Sequences
+    are keyed by a 128-bit hash of their ids (a collision is as likely as a cosmic-ray error)."""
+    keys = [
+        hashlib.blake2b(np.asarray(t, np.int64).tobytes(), digest_size=16).digest()
+        for t in token_ids
+    ]
+    first: dict[bytes, int] = {}
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
+    distinct = sorted(first)
+    position = {key: n for n, key in enumerate(distinct)}
+    copies = np.fromiter((position[k] for k in keys), np.int64, len(keys))
+    return [token_ids[first[k]] for k in distinct], copies
 
 
 def score_token_ids(
     model: nnx.Module, token_ids: list[list[int]], batch_size: int, mesh, progress: bool = True
 ) -> np.ndarray:
-    """Rewards of token sequences: packed like training (jaxrm/data/packing.py: rows holding whole
-    sequences, one compiled shape), `batch_size` sequences of average length per device and
-    forward pass; the score is read at each sequence's last token."""
+    """Rewards of token sequences. Each distinct sequence is scored once and every copy gets its
+    reward, so equal sequences tie exactly (a benchmark's strict `>` or top-share rule sees a tie,
+    not float noise from where a copy landed in a packed row)."""
+    if not len(token_ids):
+        return np.zeros(0, np.float32)
+    distinct, copies = distinct_sequences(token_ids)
+    return _score_distinct(model, distinct, batch_size, mesh, progress)[copies]
+
+
+def _score_distinct(
+    model: nnx.Module, token_ids: list, batch_size: int, mesh, progress: bool
+) -> np.ndarray:
+    """Packed like training (jaxrm/data/packing.py: rows holding whole sequences, one compiled
+    shape), `batch_size` sequences of average length per device and forward pass; the score is
+    read at each sequence's last token. The next micro-batch is prepared and dispatched before
+    the previous one's rewards are fetched (`IN_FLIGHT`), so host and devices overlap."""
     graphdef, state = nnx.split(model)
     dp = data_parallel_size(mesh)
     lengths = np.array([len(t) for t in token_ids], np.int64)
@@ -164,9 +246,8 @@ def score_token_ids(
     spec = packing.PackSpec(length=length, rows=rows, devices=dp, slots=0, share_prefix=False)
     micro_batches = packing.pack_sequences(lengths, spec)
     row_fields = ("input_ids", "positions", "segment_ids", "branch_ids")
-    slot_fields = ("index",)
     shardings = batch_shardings(mesh, {k: PACKED_FIELDS[k] for k in row_fields})
-    slot_sharding = batch_shardings(mesh, {"index": PACKED_FIELDS["chosen_index"]})["index"]
+    shardings["index"] = batch_shardings(mesh, {"index": PACKED_FIELDS["chosen_index"]})["index"]
 
     @jax.jit
     def forward(state, batch):
@@ -175,25 +256,93 @@ def score_token_ids(
         per_device = scores.reshape(batch["index"].shape[0], -1)
         return jnp.take_along_axis(per_device, batch["index"], axis=1)
 
-    rewards = np.zeros(len(token_ids), np.float32)
-    process, processes = jax.process_index(), jax.process_count()
-    for micro in tqdm(micro_batches, desc="scoring", unit="batch", disable=not progress):
+    def dispatch(micro: dict[str, np.ndarray]) -> jax.Array:
         host = dict(micro, input_ids=packing.fill_tokens(micro, token_ids))
-        local = local_part({k: host[k] for k in (*row_fields, *slot_fields)}, process, processes)
+        local = local_part(
+            {k: host[k] for k in shardings}, jax.process_index(), jax.process_count()
+        )
         batch = {
-            k: jax.make_array_from_process_local_data(
-                shardings[k] if k in shardings else slot_sharding, v
-            )
-            for k, v in local.items()
+            k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in local.items()
         }
-        values = gather_to_host(forward(state, batch))
+        return forward(state, batch)
+
+    rewards = np.zeros(len(token_ids), np.float32)
+
+    def collect(micro: dict[str, np.ndarray], values: jax.Array) -> None:
+        host = gather_to_host(values)  # a collective: every process fetches in the same order
         real = micro["weight"] > 0
-        rewards[micro["order"][real]] = values[real]
+        rewards[micro["order"][real]] = host[real]
+
+    pending: collections.deque = collections.deque()
+    for micro in tqdm(micro_batches, desc="scoring", unit="batch", disable=not progress):
+        pending.append((micro, dispatch(micro)))
+        if len(pending) > IN_FLIGHT:
+            collect(*pending.popleft())
+    while pending:
+        collect(*pending.popleft())
     return rewards
 
 
+def check_output(output: Path) -> None:
+    """Refuses, before anything is read or scored, an `--output` that is a directory or whose
+    directory (the nearest one that exists: the rest is created at the end) cannot be written."""
+    if output.is_dir():
+        raise UserError(f"--output {output} is a directory; give a .jsonl, .json or .parquet file")
+    parent = output.absolute().parent
+    while not parent.exists() and not parent.is_symlink():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"--output {output}: {parent} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise UserError(f"--output {output}: cannot write in {parent} ({e.strerror})") from None
+
+
+def check_context(
+    token_ids: list[list[int]], conversations: list[tuple[int, str, list]], source, data: str
+) -> None:
+    """Refuses conversations longer than the model's context (`max_position_embeddings`): their
+    rewards would come from positions the model never saw. Names how many rows, the first one,
+    its length and the limit."""
+    limit = source.hf_config.get("max_position_embeddings")
+    if not isinstance(limit, int):
+        return
+    lengths = zip(conversations, map(len, token_ids), strict=True)
+    long = [(i, key, n) for (i, key, _), n in lengths if n > limit]
+    if long:
+        row, key, n = long[0]
+        count = len({i for i, _, _ in long})
+        raise UserError(
+            f"{data}: {count} rows hold conversations longer than the {limit} tokens of "
+            f"{source.describe()}'s context (max_position_embeddings), the first row {row} "
+            f"({key!r}: {n} tokens); shorten or remove them"
+        )
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float as None: JSON has no NaN (json.dumps would write a bare
+    `NaN` that strict readers refuse)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def to_json(value: Any, **kwargs: Any) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False, **kwargs)
+    except ValueError:  # a non-finite float somewhere: rare, so cleaned only then
+        return json.dumps(json_safe(value), ensure_ascii=False, allow_nan=False, **kwargs)
+
+
 def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Writes rows atomically (temporary file, then rename) as jsonl, json or parquet."""
+    """Writes rows atomically (temporary file, then rename) as jsonl, json or parquet; a
+    non-finite number is written as null."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -203,14 +352,30 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
 
             pq.write_table(pa.Table.from_pylist(rows), tmp)
         elif path.suffix == ".json":
-            tmp.write_text(json.dumps(rows, ensure_ascii=False, indent=1))
+            tmp.write_text(to_json(rows, indent=1))
         else:
             with open(tmp, "w", encoding="utf-8") as f:
                 for row in rows:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    f.write(to_json(row) + "\n")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def set_rewards(
+    rows: list[dict[str, Any]], conversations: list[tuple[int, str, list]], rewards: np.ndarray
+) -> list[dict[str, Any]]:
+    """Copies of `rows` with each conversation's reward (None where not finite, with a warning)."""
+    scored = [dict(row) for row in rows]
+    for (i, key, _), reward in zip(conversations, rewards, strict=True):
+        scored[i][reward_field(key)] = float(reward) if np.isfinite(reward) else None
+    bad = int(np.count_nonzero(~np.isfinite(rewards)))
+    if bad:
+        print(
+            f"warning: {bad} conversations got a non-finite reward, written as null",
+            file=sys.stderr,
+        )
+    return scored
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -236,21 +401,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     setup_logging()
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
-    output = Path(args.output)
+    output = Path(os.path.expanduser(args.output))
+    check_output(output)
     rows = load_source(SourceSpec(args.data, "1.0", "train")).to_list()
     conversations = conversations_of(rows, args.data)
     source = locate_model(args.model, step=args.step, tokenizer=args.tokenizer)
     tokenizer = load_tokenizer(source.tokenizer)
+    rendered: set[str] = set()
+    for i, key, messages in conversations:
+        check_roles(tokenizer, messages, f"{args.data} row {i}", key, rendered)
     token_ids = [
         encode_conversation(tokenizer, messages, f"{args.data} row {i}")
         for i, _, messages in conversations
     ]
+    check_context(token_ids, conversations, source, args.data)
     mesh = make_mesh(1, -1, 1)
     model = load_model(source, mesh, dtype=args.dtype, vocab_size=len(tokenizer))
     rewards = score_token_ids(model, token_ids, args.batch_size, mesh, not args.no_progress)
-    scored = [dict(row) for row in rows]
-    for (i, field, _), reward in zip(conversations, rewards, strict=True):
-        scored[i][field] = float(reward)
+    scored = set_rewards(rows, conversations, rewards)
     write_rows(output, scored)
     summary = pair_summary(scored)
     if summary:
@@ -264,7 +432,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
 
 def pair_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
-    pairs = [(r["chosen_reward"], r["rejected_reward"]) for r in rows if "chosen_reward" in r]
+    pairs = [
+        (r["chosen_reward"], r["rejected_reward"])
+        for r in rows
+        if r.get("chosen_reward") is not None and r.get("rejected_reward") is not None
+    ]
     if not pairs:
         return {}
     margins = np.array([c - r for c, r in pairs], np.float64)

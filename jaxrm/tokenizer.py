@@ -57,3 +57,30 @@ def encode_conversation(
     except Exception as e:  # noqa: BLE001 - template errors (jinja) are about the data
         raise UserError(f"{where}: chat template failed ({type(e).__name__}: {e})") from None
     return [int(t) for t in ids]
+
+
+ROLE_PROBE = "jaxrm-role-probe-5e1f"
+
+
+def check_roles(
+    tokenizer, conversation: Messages, where: str, key: str, rendered: set[str]
+) -> None:
+    """Renders each role of `conversation` not yet in `rendered` once, with a marker as its first
+    message's content; a role whose marker the template drops (e.g. 'human' or 'tool' in a template
+    that only knows system/user/assistant) is an error naming `where` and the message, not
+    silently missing text. Roles that render are added to `rendered`."""
+    for j, message in enumerate(conversation):
+        if message["role"] in rendered:
+            continue
+        probe = [dict(m) for m in conversation]
+        probe[j]["content"] = ROLE_PROBE
+        try:
+            text = tokenizer.apply_chat_template(probe, tokenize=False)
+        except Exception as e:  # noqa: BLE001 - template errors are about the data
+            raise UserError(f"{where}: chat template failed ({first_line(e)})") from None
+        if ROLE_PROBE not in text:
+            raise UserError(
+                f"{where}: {key}[{j}] has role {message['role']!r}, which the tokenizer's chat "
+                "template drops; use a role it renders (e.g. system, user, assistant)"
+            )
+        rendered.add(message["role"])

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxrm.data.packing import PackSpec, pack, pack_sequences, shared_prefix_lengths
+from jaxrm.data.packing import (
+    PackSpec,
+    first_fit_decreasing,
+    pack,
+    pack_sequences,
+    shared_prefix_lengths,
+)
 from jaxrm.data.pairs import Pairs, Ragged
 from jaxrm.hf import load_reward_model
 from jaxrm.sharding import make_mesh
@@ -180,3 +186,40 @@ def test_sequences_for_scoring_are_read_at_their_last_token():
             row, col = device + index // 128, index % 128
             seen[int(batch["order"][device, slot])] = int(batch["positions"][row, col]) + 1
     assert seen == {i: int(n) for i, n in enumerate(lengths)}
+
+
+def naive_first_fit_decreasing(lengths, capacity):
+    """The quadratic definition: longest first, each into the first bin with room, else a new."""
+    bins, room = [], []
+    for item in np.argsort(-lengths, kind="stable"):
+        size = int(lengths[item])
+        fits = [b for b, free in enumerate(room) if size <= free]
+        if fits:
+            bins[fits[0]].append(int(item))
+            room[fits[0]] -= size
+        else:
+            bins.append([int(item)])
+            room.append(capacity - size)
+    return bins
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_first_fit_decreasing_equals_the_quadratic_definition(seed):
+    """The same bins in the same order, items in the same order, ties (equal lengths) included,
+    items of the whole capacity, of 0 tokens and (bins of their own) longer than it."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 600))
+    capacity = int(rng.choice([8, 128, 1000]))
+    lengths = rng.integers(0, capacity + 1, n)
+    if seed % 2:  # many equal lengths
+        lengths = rng.choice([1, capacity // 3, capacity // 2, capacity], n)
+    if seed == 5:
+        lengths[rng.integers(0, n, 3)] = capacity + 7
+    got = first_fit_decreasing(lengths, capacity)
+    assert got == naive_first_fit_decreasing(lengths, capacity)
+    assert sorted(i for b in got for i in b) == list(range(n))
+
+
+def test_first_fit_decreasing_of_nothing_and_of_one():
+    assert first_fit_decreasing(np.zeros(0, np.int64), 128) == []
+    assert first_fit_decreasing(np.array([5]), 128) == [[0]]

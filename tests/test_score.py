@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -10,7 +11,16 @@ import numpy as np
 import pytest
 
 from jaxrm.assets import TINY_EVAL_FILE, TINY_MODEL_DIR
+from jaxrm.score import (
+    distinct_sequences,
+    load_model,
+    locate_model,
+    score_token_ids,
+    set_rewards,
+    write_rows,
+)
 from jaxrm.score import main as score_main
+from jaxrm.sharding import make_mesh
 from tests.hf_reference import save_tiny_classifier
 
 
@@ -172,4 +182,163 @@ def test_user_errors(tmp_path, case):
         result = run_cli("--model", model, "--data", str(bad), "--output", out)
         expected = ("bad.jsonl row 1", "not 'assistant'")
     assert_one_line_error(result, *expected)
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def score_rows(tmp_path, model_dir, rows, name="d.jsonl", *extra):
+    """The scored rows of `rows` (in-process)."""
+    data = write_jsonl(tmp_path / name, rows)
+    out = tmp_path / f"scored-{name}"
+    score_main(["--model", str(model_dir), "--data", str(data), "--output", str(out), *extra])
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_distinct_sequences_are_ordered_by_content_and_mapped_back():
+    seqs = [[5, 6], [1], [5, 6], [2, 3, 4], [1]]
+    distinct, copies = distinct_sequences(seqs)
+    assert sorted(map(list, distinct)) == [[1], [2, 3, 4], [5, 6]]
+    assert [list(distinct[c]) for c in copies] == seqs
+    again, _ = distinct_sequences([seqs[i] for i in (3, 1, 0, 0)])
+    assert [list(x) for x in again] == [list(x) for x in distinct]  # order: contents alone
+
+
+def test_identical_conversations_tie_exactly_and_duplicates_change_nothing(
+    tmp_path, classifier_dir
+):
+    """Copies of a conversation (chosen == rejected, repeated rows) get bit-identical rewards, and
+    a file with repeated and reordered rows scores each row exactly as the file without them."""
+    path, _, _ = classifier_dir
+    base = [json.loads(line) for line in TINY_EVAL_FILE.read_text().splitlines()[:12]]
+    base[3] = dict(base[3], rejected=base[3]["chosen"])  # a tie inside one row
+    rng = np.random.default_rng(0)
+    repeated = [base[i] for i in rng.permutation(np.repeat(np.arange(12), 3))]
+    for batch in ("2", "16"):
+        plain = score_rows(tmp_path, path, base, "base.jsonl", "--batch_size", batch)
+        dup = score_rows(tmp_path, path, repeated, "dup.jsonl", "--batch_size", batch)
+        assert plain[3]["chosen_reward"] == plain[3]["rejected_reward"]
+        expected = {json.dumps(r["chosen"]): r["chosen_reward"] for r in plain}
+        expected |= {json.dumps(r["rejected"]): r["rejected_reward"] for r in plain}
+        for row in dup:
+            assert row["chosen_reward"] == expected[json.dumps(row["chosen"])]
+            assert row["rejected_reward"] == expected[json.dumps(row["rejected"])]
+
+
+def test_a_reward_does_not_depend_on_its_neighbours_in_a_packed_row(classifier_dir):
+    """One sequence scored alone and after longer sequences in the same packed row (so at
+    another start, next to other tokens): the same reward within float32 noise."""
+    path, _, _ = classifier_dir
+    model = load_model(locate_model(str(path)), make_mesh(1, -1, 1))
+    rng = np.random.default_rng(1)
+    seq = rng.integers(1, 200, 25).tolist()
+    alone = score_token_ids(model, [seq], 64, make_mesh(1, -1, 1), progress=False)[0]
+    for lengths in ([40], [90, 60, 30], [120, 120, 120, 120, 100]):  # seq starts at their sum
+        others = [rng.integers(1, 200, n).tolist() for n in lengths]
+        got = score_token_ids(model, [*others, seq], 64, make_mesh(1, -1, 1), progress=False)
+        assert abs(got[-1] - alone) <= 1e-6 * max(1.0, abs(alone)), (lengths, got[-1], alone)
+
+
+def test_a_model_with_a_nan_weight_is_refused_at_load(tmp_path, capsys):
+    rows = [json.loads(line) for line in TINY_EVAL_FILE.read_text().splitlines()[:2]]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    name = "model.layers.1.mlp.up_proj.weight"
+
+    def poison(tensors):
+        tensors[name] = tensors[name].copy()
+        tensors[name][3, 5] = np.nan
+
+    bad = broken_checkpoint(tmp_path, poison)
+    line = user_error(
+        capsys, "--model", str(bad), "--data", str(data), "--output", str(tmp_path / "o.jsonl")
+    )
+    assert name in line and "non-finite" in line, line
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_non_finite_reward_is_written_as_null_never_nan(tmp_path, suffix, capsys):
+    rows = [{"messages": [{"role": "assistant", "content": str(i)}]} for i in range(3)]
+    conversations = [(i, "messages", r["messages"]) for i, r in enumerate(rows)]
+    scored = set_rewards(rows, conversations, np.array([0.5, np.nan, -np.inf], np.float32))
+    assert "2 conversations got a non-finite reward" in capsys.readouterr().err
+    scored[0]["other"] = float("nan")  # a field of the input, too
+    out = tmp_path / f"o{suffix}"
+    write_rows(out, scored)
+    text = out.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    back = json.loads(text) if suffix == ".json" else [json.loads(x) for x in text.splitlines()]
+    assert [r["reward"] for r in back] == [0.5, None, None]
+    assert back[0]["other"] is None
+
+
+def user_error(capsys, *args) -> str:
+    """The one `error:` line of an in-process `jaxrm.score` that exits 2."""
+    with pytest.raises(SystemExit) as stop:
+        score_main([*args, "--no_progress"])
+    assert stop.value.code == 2
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", ["directory", "parent_is_a_file", "read_only"])
+def test_an_unwritable_output_is_refused_before_anything_is_read(tmp_path, capsys, case):
+    """Checked first: the model and the data do not even exist here."""
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("x")
+    if case == "directory":
+        output, expected = target, "is a directory"
+    elif case == "parent_is_a_file":
+        output, expected = target / "keep.txt" / "o.jsonl", "is not a directory"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes in a read-only directory")
+        target.chmod(0o555)
+        output, expected = target / "sub" / "o.jsonl", "cannot write in"
+    try:
+        line = user_error(
+            capsys,
+            "--model",
+            str(tmp_path / "nope"),
+            "--data",
+            "nope.jsonl",
+            "--output",
+            str(output),
+        )
+    finally:
+        target.chmod(0o755)
+    assert str(output) in line and expected in line, line
+    assert sorted(p.name for p in target.iterdir()) == ["keep.txt"]
+
+
+def test_a_role_the_template_drops_is_refused_as_training_refuses_it(
+    tmp_path, capsys, classifier_dir
+):
+    path, _, _ = classifier_dir
+    good = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    rows = [{"messages": good}, {"messages": [{"role": "human", "content": "hi"}, good[1]]}]
+    data = write_jsonl(tmp_path / "roles.jsonl", rows)
+    line = user_error(
+        capsys, "--model", str(path), "--data", str(data), "--output", str(tmp_path / "o.jsonl")
+    )
+    assert "roles.jsonl row 1: messages[0] has role 'human'" in line, line
+    assert "chat template drops" in line
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_conversation_longer_than_the_context_is_refused(tmp_path, capsys, classifier_dir):
+    """The tiny classifier's context is 128 tokens (max_position_embeddings)."""
+    path, _, tokenizer = classifier_dir
+    limit = json.loads((path / "config.json").read_text())["max_position_embeddings"]
+    short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    long = [short[0], {"role": "assistant", "content": "a b c d " * limit}]
+    n = len(tokenizer.apply_chat_template(long, tokenize=True, return_dict=False))
+    rows = [{"chosen": short, "rejected": short}, {"chosen": short, "rejected": long}]
+    rows += [{"chosen": long, "rejected": long}]
+    data = write_jsonl(tmp_path / "long.jsonl", rows)
+    line = user_error(
+        capsys, "--model", str(path), "--data", str(data), "--output", str(tmp_path / "o.jsonl")
+    )
+    assert f"2 rows hold conversations longer than the {limit} tokens" in line, line
+    assert f"the first row 1 ('rejected': {n} tokens)" in line, line
     assert not (tmp_path / "o.jsonl").exists()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -101,20 +102,32 @@ def check_fits(longest_group: int, spec: PackSpec) -> None:
 
 
 def first_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
-    """Items (indices into `lengths`) per bin, longest first; deterministic."""
-    order = np.argsort(-lengths, kind="stable")
+    """Items (indices into `lengths`) per bin, longest first; deterministic. Each item goes to the
+    first bin (in opening order) with room for it, else to a new bin: O(n log n) by a max tree
+    over the bins' free space (bins not opened yet have `capacity`), so the first leaf with room
+    is found in one descent."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    leaves = 1 << max(0, len(order) - 1).bit_length()
+    tree = [capacity] * (2 * leaves)  # tree[k] = max(tree[2k], tree[2k + 1]); leaves at [leaves:]
     bins: list[list[int]] = []
-    room: list[int] = []
-    for item in order:
-        size = int(lengths[item])
-        for b, free in enumerate(room):
-            if size <= free:
-                bins[b].append(int(item))
-                room[b] -= size
-                break
+    for item, size in zip(order.tolist(), np.asarray(lengths)[order].tolist(), strict=True):
+        if tree[1] < size:  # only an item longer than `capacity`: a bin of its own
+            b = len(bins)
         else:
-            bins.append([int(item)])
-            room.append(capacity - size)
+            k = 1
+            while k < leaves:
+                k = 2 * k if tree[2 * k] >= size else 2 * k + 1
+            b = k - leaves
+        if b == len(bins):
+            bins.append([item])
+        else:
+            bins[b].append(item)
+        k = b + leaves
+        tree[k] -= size
+        k //= 2
+        while k:
+            tree[k] = max(tree[2 * k], tree[2 * k + 1])
+            k //= 2
     return bins
 
 
@@ -211,43 +224,62 @@ def _place(batch, row, start, segment, chosen, rejected, p, spec) -> tuple[int, 
     return r_start - 1, end - 1, end
 
 
-def pack_sequences(lengths: np.ndarray, spec: PackSpec) -> list[dict[str, np.ndarray]]:
-    """Single sequences (to score, not pairs) packed one segment each. Per micro-batch: the rows'
+@dataclasses.dataclass(frozen=True)
+class SequencePacking:
+    """Single sequences (to score, not pairs) packed one segment each: iterating builds the
+    micro-batches one at a time (host memory holds one, not all). Per micro-batch: the rows'
     `positions`, `segment_ids` and `branch_ids` (0); per device and slot the flat `index` of a
     sequence's last token, the sequence (`order`) and `weight`; and `placements` (row, start,
     sequence) for `fill_tokens`."""
-    lengths = np.asarray(lengths, np.int64)
-    if len(lengths):
-        check_fits(int(lengths.max()), spec)
-    rows = first_fit_decreasing(lengths, spec.length)
-    per_device = [sum(map(len, rows[i : i + spec.rows])) for i in range(0, len(rows), spec.rows)]
-    slots = spec.slots or max([1, *per_device])
-    g, t = spec.micro_rows, spec.length
-    batches = []
-    for m in range(max(1, math.ceil(len(rows) / g))):
+
+    lengths: np.ndarray
+    rows: list[list[int]]  # sequences per row, from `first_fit_decreasing`
+    spec: PackSpec  # `slots` resolved
+
+    def __len__(self) -> int:
+        return max(1, math.ceil(len(self.rows) / self.spec.micro_rows))
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        g = self.spec.micro_rows
+        for m in range(len(self)):
+            yield self._micro_batch(self.rows[m * g : (m + 1) * g])
+
+    def _micro_batch(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
+        spec, t = self.spec, self.spec.length
         batch = _zero_rows(spec, "positions", "segment_ids", "branch_ids")
         batch.update(
-            index=np.zeros((spec.devices, slots), np.int32),
-            order=np.zeros((spec.devices, slots), np.int64),
-            weight=np.zeros((spec.devices, slots), np.float32),
+            index=np.zeros((spec.devices, spec.slots), np.int32),
+            order=np.zeros((spec.devices, spec.slots), np.int64),
+            weight=np.zeros((spec.devices, spec.slots), np.float32),
         )
         placements = []
-        for r, members in enumerate(rows[m * g : (m + 1) * g]):
+        used = [0] * spec.devices  # slots filled per device
+        for r, members in enumerate(rows):
             device, local_row = divmod(r, spec.rows)
             start = 0
             for slot_in_row, item in enumerate(members):
-                n = int(lengths[item])
-                slot = int(np.count_nonzero(batch["weight"][device]))
+                n, slot = int(self.lengths[item]), used[device]
                 batch["positions"][r, start : start + n] = np.arange(n)
                 batch["segment_ids"][r, start : start + n] = slot_in_row + 1
                 batch["index"][device, slot] = local_row * t + start + n - 1
                 batch["order"][device, slot] = item
                 batch["weight"][device, slot] = 1.0
                 placements.append((r, start, item))
+                used[device] += 1
                 start += n
         batch["placements"] = np.array(placements, np.int64).reshape(-1, 3)
-        batches.append(batch)
-    return batches
+        return batch
+
+
+def pack_sequences(lengths: np.ndarray, spec: PackSpec) -> SequencePacking:
+    """Single sequences of `lengths` packed by `first_fit_decreasing` (see `SequencePacking`)."""
+    lengths = np.asarray(lengths, np.int64)
+    if len(lengths):
+        check_fits(int(lengths.max()), spec)
+    rows = first_fit_decreasing(lengths, spec.length)
+    per_device = [sum(map(len, rows[i : i + spec.rows])) for i in range(0, len(rows), spec.rows)]
+    spec = dataclasses.replace(spec, slots=spec.slots or max([1, *per_device]))
+    return SequencePacking(lengths, rows, spec)
 
 
 def fill_tokens(batch: dict[str, np.ndarray], sequences: list) -> np.ndarray:

@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from jaxrm.data.formats import PRETOKENIZED, Example, normalize
 from jaxrm.data.pairs import Pairs, Ragged
-from jaxrm.errors import UserError, first_line
+from jaxrm.errors import UserError
+from jaxrm.tokenizer import check_roles
 
 if TYPE_CHECKING:
     import datasets
@@ -164,28 +165,9 @@ class _Tokenize:
         )
 
     def _check_roles(self, example: Example, row: int) -> None:
-        """Renders each role's first message once with a marker as its content, in its own
-        conversation; a role whose marker the template drops is an error naming the row."""
         for key, conversation in (("chosen", example.chosen), ("rejected", example.rejected)):
-            for j, message in enumerate(conversation):
-                if message["role"] in self.rendered_roles:
-                    continue
-                marker = "jaxrm-role-probe-5e1f"
-                probe = [dict(m) for m in conversation]
-                probe[j]["content"] = marker
-                try:
-                    text = self.tokenizer.apply_chat_template(probe, tokenize=False)
-                except Exception as e:  # noqa: BLE001 - template errors are about the data
-                    raise UserError(
-                        f"{self.name} row {row}: chat template failed ({first_line(e)})"
-                    ) from None
-                if marker not in text:
-                    raise UserError(
-                        f"{self.name} row {row}: {key}[{j}] has role {message['role']!r}, which "
-                        "the tokenizer's chat template drops; use a role it renders (e.g. "
-                        "system, user, assistant)"
-                    )
-                self.rendered_roles.add(message["role"])
+            where = f"{self.name} row {row}"
+            check_roles(self.tokenizer, conversation, where, key, self.rendered_roles)
 
     def _prompt_lengths(self, examples: list[Example]) -> list[int]:
         """Tokens of the prompt with the generation prompt; 0 for a pair without a prompt."""
