@@ -38,7 +38,7 @@ RewardBench 2 (`allenai/reward-bench-2`, split `test`: columns `id` (string), `p
   the correct-incorrect margin = worst correct - best incorrect; the spread of correct answers =
   best correct - worst correct. The subset's score is
   `0.30 tied accuracy + 0.30 ref accuracy + 0.20 P(tied margin > spread)
-  + 0.20 P(min(ref margin, tied margin) > spread) + 0.01 mean(tanh(min margin / spread - 1))`
+  + 0.20 P(min(ref margin, tied margin) > spread) + 0.01 mean(tanh(min margin / spread - 1))`,
   the last three over the prompts that have both rows.
 - The two versions differ in the last term when a tied prompt's correct answers all get the same
   reward (spread 0; e.g. identical completions). 0.1.4 (`TIES_FORMULAS["0.1.4"]`, the default)
