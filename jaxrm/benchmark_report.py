@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from jaxrm.benchmarks import BenchmarkResult, SubsetResult
+from jaxrm.errors import UserError, write_failure
 
 
 def fmt_score(value: float | None) -> str:
@@ -39,13 +41,55 @@ def format_table(result: BenchmarkResult, title: str) -> str:
     for s in result.subsets:
         if s.details:
             parts = [f"{k} {v:.4g}" for k, v in s.details.items()]
-            lines += ["", f"{s.name}: " + ", ".join(parts)]
+            lines += ["", f"{s.name} ({result.ties_formula}): " + ", ".join(parts)]
     if result.unknown_subsets:
         lines += ["", "subsets not in the benchmark (not in the score):"]
         lines += _subset_lines(result.unknown_subsets, False)
     if result.missing_subsets:
         lines += ["", f"subsets with no rows: {', '.join(result.missing_subsets)}"]
     return "\n".join(lines)
+
+
+def output_paths(output: str) -> tuple[Path, Path]:
+    """`--output` names the results JSON; the chart is its sibling with `.png` (`r.json` ->
+    `r.png`, `r` -> `r.png`). A `.png` name is refused: the chart would replace the results."""
+    path = Path(os.path.expanduser(output))
+    if path.suffix.lower() == ".png":
+        raise UserError(
+            f"--output {output}: names the results JSON, and the chart is written beside it as "
+            f".png; give a JSON name such as {path.with_suffix('.json')}"
+        )
+    return path, path.with_suffix(".png")
+
+
+def check_output(path: Path, what: str = "--output") -> None:
+    """A one-line error, before any work, when `path` cannot be written: a directory, a file in
+    the way of its folder, or a folder that refuses a new file. Creates nothing."""
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory; give --output a file name")
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{what} {path}: {folder} is a file, not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".jaxrm-write-probe-"):
+            pass
+    except OSError as e:
+        raise UserError(f"{what} {path}: cannot write in {folder} ({write_failure(e)})") from None
+
+
+def write_results(
+    output: Path, chart: Path, payload: dict[str, Any], result: BenchmarkResult, title: str
+) -> None:
+    """The results JSON, then the chart; a failed write is a one-line error."""
+    try:
+        write_json(output, payload)
+        plot_result(result, title, chart)
+    except OSError as e:
+        raise UserError(
+            f"could not write {output} or {chart} ({write_failure(e)}); the scores are above"
+        ) from None
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 
 import ml_collections
 
+from jaxrm.benchmarks import TIES_FORMULAS
 from jaxrm.data.packing import ROW_MULTIPLE
 from jaxrm.dtypes import COMPUTE_DTYPES, EXPORT_DTYPES
 from jaxrm.errors import UserError
@@ -91,6 +92,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_benchmarks = []  # scored with each eval (jaxrm.evaluate): rewardbench, rewardbench2
     # per benchmark, a local file in its schema (offline); empty: the benchmark's hub dataset
     c.eval_benchmark_data = ml_collections.ConfigDict({"rewardbench": "", "rewardbench2": ""})
+    # RewardBench 2 Ties as in allenai's released rewardbench "0.1.4" or main (jaxrm.benchmarks)
+    c.eval_benchmark_ties_formula = "0.1.4"
     c.checkpointing_steps = 0  # 0: checkpoint only at the end
     c.max_checkpoints_to_keep = 2
     c.resume = True  # continue from the latest checkpoint in output_dir
@@ -188,6 +191,7 @@ CHECKS: dict[str, OneOf | Between] = {
     "max_checkpoints_to_keep": AT_LEAST_ONE,
     "max_consecutive_skipped_steps": AT_LEAST_ONE,
     "export_dtype": OneOf(EXPORT_DTYPES),
+    "eval_benchmark_ties_formula": OneOf(tuple(TIES_FORMULAS)),
 }
 REQUIRED = ("model_name_or_path", "output_dir")
 

@@ -2,7 +2,7 @@
 
     python -m jaxrm.evaluate --model M --benchmark rewardbench|rewardbench2 [--step N]
         [--data PATH_OR_HUB_ID] [--split S] [--output results.json] [--batch_size 16]
-        [--dtype float32|bfloat16] [--max_length 4096] [--tokenizer DIR]
+        [--dtype float32|bfloat16] [--max_length 4096] [--tokenizer DIR] [--ties_formula 0.1.4|main]
 
 `M` is an HF reward-model directory or hub id (any Llama reward model, e.g. a jaxrm export) or a
 jaxrm training output directory (`--step`: its checkpoint, default the latest, read straight from
@@ -21,9 +21,15 @@ Rows longer than `--max_length` tokens (any of their conversations) are never tr
 are left out of the scores and counted per subset (`too_long`). Subset names a benchmark does not
 have are warned about and reported apart, outside the sections and the overall score.
 
+RewardBench 2's Ties subset follows the released `rewardbench` 0.1.4 by default;
+`--ties_formula main` uses allenai's main instead (they differ only for a tied prompt whose
+correct answers all get the same reward; see `jaxrm.benchmarks`). The results name the one used.
+
 Output: a table (sections, then subsets with counts), `--output` JSON (written atomically) with a
-bar chart PNG beside it. During training, `--config.eval_benchmarks=['rewardbench']` scores the
-benchmarks at each eval and at the end (`BenchmarkHook`).
+bar chart PNG beside it (`r.json` -> `r.png`; a `.png` output is refused so that the chart never
+replaces the results). Where the output cannot be written is a one-line error before any work.
+During training, `--config.eval_benchmarks=['rewardbench']` scores the benchmarks at each eval
+and at the end (`BenchmarkHook`; `--config.eval_benchmark_ties_formula` as `--ties_formula`).
 
 Where jaxrm differs from the reference scripts on purpose: they render the template to text and
 let the classification pipeline tokenize it again with special tokens (a second BOS with
@@ -46,18 +52,27 @@ from typing import Any
 import jax
 from flax import nnx
 
-from jaxrm.benchmark_report import fmt_score, format_table, plot_result, write_json
+from jaxrm.benchmark_report import (
+    check_output,
+    fmt_score,
+    format_table,
+    output_paths,
+    write_results,
+)
 from jaxrm.benchmarks import (
+    DEFAULT_TIES_FORMULA,
     REWARDBENCH,
     TIES,
+    TIES_FORMULAS,
     Benchmark,
     BenchmarkResult,
     ScoredRow,
     benchmark_named,
     parse_ties_id,
     score_benchmark,
+    ties_formula_named,
 )
-from jaxrm.data.sources import SourceSpec, load_source
+from jaxrm.data.sources import SourceSpec, load_source, read_json_rows
 from jaxrm.dtypes import EXPORT_DTYPES
 from jaxrm.errors import UserError, exit_on_user_error
 from jaxrm.score import load_model, locate_model, score_token_ids
@@ -100,32 +115,59 @@ class PreparedBenchmark:
         return sorted({r.subset for r in self.rows} - set(self.benchmark.subsets))
 
 
+def _load_rows(data: str, split: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows and column names. A local JSON file is read as plain rows, not typed by arrow, so
+    that a row of the wrong shape is named by `parse_row` rather than by arrow's cast."""
+    path = Path(os.path.expanduser(data))
+    if path.is_file() and path.suffix in (".json", ".jsonl"):
+        rows = read_json_rows(path)
+        return rows, list(dict.fromkeys(key for row in rows for key in row))
+    dataset = load_source(SourceSpec(data, "1.0", split))
+    return dataset.to_list(), dataset.column_names
+
+
 def read_rows(benchmark: Benchmark, data: str, split: str) -> list[dict[str, Any]]:
     """The rows of a local file or hub dataset, checked for the benchmark's columns."""
-    dataset = load_source(SourceSpec(data, "1.0", split))
-    if len(dataset) == 0:
+    rows, columns = _load_rows(data, split)
+    if not rows:
         raise UserError(f"{data}: no rows")
-    missing = [c for c in benchmark.columns if c not in dataset.column_names]
+    missing = [c for c in benchmark.columns if c not in columns]
     if missing:
         raise UserError(
             f"{data}: missing column{'s' if len(missing) > 1 else ''} "
             f"{', '.join(map(repr, missing))} for {benchmark.title} "
-            f"(columns: {', '.join(dataset.column_names)})"
+            f"(columns: {', '.join(columns)})"
         )
-    return dataset.to_list()
+    return rows
+
+
+def _kind(value: Any) -> str:
+    """What a JSON value is, in words."""
+    kinds = {str: "a string", list: "a list", dict: "an object", bool: "a boolean"}
+    kinds |= {int: "a number", float: "a number", type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)
 
 
 def _string(row: dict[str, Any], key: str, where: str) -> str:
-    value = row.get(key)
+    if key not in row:
+        raise UserError(f"{where}: no {key!r}")
+    value = row[key]
     if not isinstance(value, str):
-        raise UserError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
+        raise UserError(f"{where}: {key!r} must be a string, got {_kind(value)}")
     return value
 
 
 def _strings(row: dict[str, Any], key: str, where: str) -> list[str]:
-    value = row.get(key)
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-        raise UserError(f"{where}: {key!r} must be a non-empty list of strings")
+    if key not in row:
+        raise UserError(f"{where}: no {key!r}")
+    value = row[key]
+    if not isinstance(value, list):
+        raise UserError(f"{where}: {key!r} must be a list of strings, got {_kind(value)}")
+    if not value:
+        raise UserError(f"{where}: {key!r} is an empty list; it needs at least one completion")
+    for j, item in enumerate(value):
+        if not isinstance(item, str):
+            raise UserError(f"{where}: {key}[{j}] must be a string, got {_kind(item)}")
     return value
 
 
@@ -155,11 +197,11 @@ def parse_row(benchmark: Benchmark, row: dict[str, Any], where: str) -> Benchmar
             f"{where}: 'total_completions' is {row['total_completions']}, but 'chosen' and "
             f"'rejected' hold {total}"
         )
-    if subset == TIES and parse_ties_id(row["id"]) is None:
-        raise UserError(f"{where}: Ties id {row['id']!r} is not 'ref:<number>' or 'tied:<number>'")
-    return BenchmarkRow(
-        subset, str(row["id"]), num_correct, [_turns(prompt, c) for c in chosen + rejected]
-    )
+    row_id = row.get("id")
+    if subset == TIES and parse_ties_id(row_id) is None:
+        raise UserError(f"{where}: Ties id {row_id!r} is not 'ref:<number>' or 'tied:<number>'")
+    conversations = [_turns(prompt, c) for c in chosen + rejected]
+    return BenchmarkRow(subset, "" if row_id is None else str(row_id), num_correct, conversations)
 
 
 def prepare_benchmark(
@@ -190,7 +232,12 @@ def prepare_benchmark(
 
 
 def score_prepared(
-    prepared: PreparedBenchmark, model: nnx.Module, mesh, batch_size: int, progress: bool = True
+    prepared: PreparedBenchmark,
+    model: nnx.Module,
+    mesh,
+    batch_size: int,
+    progress: bool = True,
+    ties_formula: str = DEFAULT_TIES_FORMULA,
 ) -> BenchmarkResult:
     """Rewards every scorable conversation (`score_token_ids`) and scores the benchmark."""
     flat = [ids for row in prepared.token_ids if row is not None for ids in row]
@@ -202,7 +249,7 @@ def score_prepared(
             values = tuple(float(r) for r in rewards[at : at + len(ids)])
             at += len(ids)
         scored.append(ScoredRow(row.subset, row.id, row.num_correct, values))
-    return score_benchmark(prepared.benchmark, scored)
+    return score_benchmark(prepared.benchmark, scored, ties_formula)
 
 
 def payload_of(prepared: PreparedBenchmark, result: BenchmarkResult, **extra: Any) -> dict:
@@ -232,9 +279,15 @@ class BenchmarkHook:
     tokenized once; each call scores the current params and returns flat `eval/<benchmark>/...`
     metrics (the overall score, sections, subsets, rows too long). Empty when none is asked."""
 
-    def __init__(self, prepared: Sequence[PreparedBenchmark], batch_size: int):
+    def __init__(
+        self,
+        prepared: Sequence[PreparedBenchmark],
+        batch_size: int,
+        ties_formula: str = DEFAULT_TIES_FORMULA,
+    ):
         self.prepared = list(prepared)
         self.batch_size = batch_size
+        self.ties_formula = ties_formula_named(ties_formula)
 
     @classmethod
     def from_config(cls, cfg, tokenizer, data_parallel: int) -> BenchmarkHook:
@@ -258,7 +311,7 @@ class BenchmarkHook:
             for subset in prepared[-1].unknown_subsets:
                 log.warning("%s: subset %r is not in %s", prepared[-1].data, subset, name)
         batch = cfg.per_device_eval_batch_size * 2 * data_parallel
-        return cls(prepared, batch)
+        return cls(prepared, batch, cfg.eval_benchmark_ties_formula)
 
     def __call__(self, graphdef: nnx.GraphDef, params: nnx.State, mesh) -> dict[str, float]:
         if not self.prepared:
@@ -267,7 +320,9 @@ class BenchmarkHook:
         metrics: dict[str, float] = {}
         for prepared in self.prepared:
             started = time.time()
-            result = score_prepared(prepared, model, mesh, self.batch_size, progress=False)
+            result = score_prepared(
+                prepared, model, mesh, self.batch_size, False, self.ties_formula
+            )
             prefix = f"eval/{prepared.benchmark.name}/"
             values = {"score": result.score, **result.sections}
             values.update({s.name: s.score for s in result.subsets + result.unknown_subsets})
@@ -295,11 +350,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--step", type=int, default=None, help="checkpoint of a training run")
     parser.add_argument("--data", default=None, help="local file or hub id (default: the hub set)")
     parser.add_argument("--split", default=None, help="hub split (default: the benchmark's)")
-    parser.add_argument("--output", default=None, help="results JSON (a PNG chart beside it)")
+    parser.add_argument("--output", default=None, help="results JSON (a .png chart beside it)")
     parser.add_argument("--tokenizer", default=None, help="defaults to the model's tokenizer")
     parser.add_argument("--batch_size", type=int, default=16, help="conversations per forward")
     parser.add_argument("--dtype", default="float32", help=" or ".join(EXPORT_DTYPES))
     parser.add_argument("--max_length", type=int, default=DEFAULT_MAX_LENGTH, help="tokens")
+    parser.add_argument(
+        "--ties_formula",
+        default=DEFAULT_TIES_FORMULA,
+        help=f"RewardBench 2 Ties as allenai's {' or '.join(TIES_FORMULAS)} (default 0.1.4)",
+    )
     parser.add_argument("--no_progress", action="store_true")
     return parser.parse_args(argv)
 
@@ -312,6 +372,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.dtype not in EXPORT_DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {args.dtype!r}")
+    ties_formula_named(args.ties_formula)
+    outputs = output_paths(args.output) if args.output else None
+    if outputs:
+        check_output(outputs[0])
+        check_output(outputs[1], "the chart beside --output")
     source = locate_model(args.model, step=args.step, tokenizer=args.tokenizer)
     tokenizer = load_tokenizer(source.tokenizer)
     prepared = prepare_benchmark(
@@ -327,7 +392,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     mesh = make_mesh(1, -1, 1)
     model = load_model(source, mesh, dtype=args.dtype, vocab_size=len(tokenizer))
     started = time.time()
-    result = score_prepared(prepared, model, mesh, args.batch_size, not args.no_progress)
+    result = score_prepared(
+        prepared, model, mesh, args.batch_size, not args.no_progress, args.ties_formula
+    )
     seconds = round(time.time() - started, 1)
     payload = payload_of(
         prepared, result, model=source.describe(), step=source.step, dtype=args.dtype
@@ -340,11 +407,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     print(format_table(result, title))
     print(f"\n{payload['conversations']} conversations scored in {seconds:.1f}s")
-    if args.output:
-        output = Path(os.path.expanduser(args.output))
-        write_json(output, payload)
-        chart = output.with_suffix(".png")
-        plot_result(result, f"{benchmark.title}: {source.describe()}", chart)
+    if outputs:
+        output, chart = outputs
+        write_results(output, chart, payload, result, f"{benchmark.title}: {source.describe()}")
         print(f"\n-> {output}, {chart}")
     return payload
 

@@ -12,6 +12,7 @@ from jaxrm.benchmarks import (
     REWARDBENCH,
     REWARDBENCH2,
     SUBSET_MAPPING,
+    TIES_FORMULAS,
     ScoredRow,
     benchmark_named,
     best_of_n,
@@ -63,8 +64,9 @@ def test_sections_weight_by_example_counts_over_present_subsets():
     assert got["Chat Hard"] is None and got["Safety"] is None
 
 
-def reference_ties(rows):
-    """The reference's process_single_model, written out plainly (scores as given)."""
+def reference_ties(rows, formula="0.1.4"):
+    """The reference's process_single_model, written out plainly (scores as given): the margin
+    term of rewardbench 0.1.4 (prompts with spread 0 left out) or of main (kept)."""
     groups = {}
     for row_id, num_correct, scores in rows:
         kind, k = row_id.split(":")
@@ -86,16 +88,82 @@ def reference_ties(rows):
     margins = []
     for k in both:
         low, spread = min(stats["ref"][k][2], stats["tied"][k][2]), stats["tied"][k][1]
+        if spread == 0 and formula == "0.1.4":
+            continue
         if spread == 0:
             ratio = math.nan if low == 0 else math.copysign(math.inf, low)
         else:
             ratio = low / spread
         value = math.tanh(ratio - 1)
         margins.append(0.0 if math.isnan(value) else value)
-    return 0.3 * tied_acc + 0.3 * ref_acc + 0.2 * pref + 0.2 * hard + 0.01 * mean(margins)
+    margin = mean(margins) if margins else 0.0
+    return 0.3 * tied_acc + 0.3 * ref_acc + 0.2 * pref + 0.2 * hard + 0.01 * margin
 
 
-def test_ties_score_matches_the_reference_formula():
+# A Ties subset where the two versions part: tied:1, tied:2 and tied:3 have spread 0 (their
+# correct answers get equal rewards) with a positive, zero and negative margin. The scores are
+# allenai's own: `process_single_model` run on these rows, from rewardbench/utils.py of the
+# released rewardbench 0.1.4 (PyPI wheel, identical to git tag v0.1.4, commit 6b95524) and of
+# main at commit 05a9005 (github.com/allenai/reward-bench).
+# By hand: tied accuracy 2/4, ref accuracy 3/4, preferred and preferred-hard 2/4 each (0.575 in
+# all), plus 0.01 x the margin term: 0.1.4 averages tanh(min margin / spread - 1) over tied:0
+# alone, tanh(0.75 / 0.25 - 1) = tanh(2); main over all four, (tanh(2) + 1 + 0 - 1) / 4.
+SPREAD_ZERO_TIES = [
+    ("tied:0", 2, [1.0, 0.75, 0.0]),  # spread 0.25, margin 0.75
+    ("ref:0", 1, [2.0, 0.0]),
+    ("tied:1", 2, [1.0, 1.0, 0.0]),  # spread 0, margin 1: main adds tanh(+inf) = 1
+    ("ref:1", 1, [1.0, 0.5]),
+    ("tied:2", 2, [1.0, 1.0, 1.0]),  # spread 0, margin 0: main adds 0 (0 / 0 = NaN -> 0)
+    ("ref:2", 1, [0.0, 0.0]),
+    ("tied:3", 2, [0.0, 0.0, 1.0]),  # spread 0, margin -1: main adds tanh(-inf) = -1
+    ("ref:3", 1, [1.0, 0.0]),
+]
+ALLENAI_SPREAD_ZERO_TIES = {"0.1.4": 0.5846402758007582, "main": 0.5774100689501895}
+
+
+@pytest.mark.parametrize("formula", ["0.1.4", "main"])
+def test_ties_formulas_part_on_a_spread_zero_prompt_as_allenai_does(formula):
+    scored = [ScoredRow("Ties", i, n, tuple(s)) for i, n, s in SPREAD_ZERO_TIES]
+    score, details = ties_score(scored, formula)
+    assert score == pytest.approx(ALLENAI_SPREAD_ZERO_TIES[formula], abs=1e-15)
+    by_hand = {"0.1.4": math.tanh(2), "main": math.tanh(2) / 4}[formula]
+    assert details["correctness_margin_score"] == pytest.approx(by_hand, abs=1e-15)
+    assert score == pytest.approx(0.575 + 0.01 * by_hand, abs=1e-15)
+    assert score == pytest.approx(reference_ties(SPREAD_ZERO_TIES, formula), abs=1e-15)
+    assert (details["tied_accuracy"], details["ref_accuracy"]) == (0.5, 0.75)
+    assert details["correctness_preferred"] == details["correctness_preferred_hard"] == 0.5
+    result = score_benchmark(BENCHMARKS[REWARDBENCH2], scored, formula)
+    assert result.subsets[0].score == score
+    assert result.ties_formula == TIES_FORMULAS[formula] == result.to_dict()["ties_formula"]
+    assert TIES_FORMULAS == {"0.1.4": "rewardbench 0.1.4", "main": "rewardbench main 05a9005"}
+
+
+def test_ties_default_is_0_1_4_and_only_spread_zero_prompts_part_the_formulas():
+    scored = [ScoredRow("Ties", i, n, tuple(s)) for i, n, s in SPREAD_ZERO_TIES]
+    assert ties_score(scored) == ties_score(scored, "0.1.4")
+    assert score_benchmark(BENCHMARKS[REWARDBENCH2], scored).ties_formula == "rewardbench 0.1.4"
+    assert score_benchmark(BENCHMARKS[REWARDBENCH], []).ties_formula is None
+    no_spread_zero = scored[:2]
+    assert ties_score(no_spread_zero, "0.1.4") == ties_score(no_spread_zero, "main")
+    # every tied prompt at spread 0: 0.1.4's margin term has no prompt left and is 0
+    only_spread_zero = scored[2:]
+    assert ties_score(only_spread_zero, "0.1.4")[1]["correctness_margin_score"] == 0.0
+    assert ties_score(only_spread_zero, "main")[1]["correctness_margin_score"] == 0.0  # 1+0-1
+    with pytest.raises(UserError, match="unknown Ties formula 'latest'.*0.1.4, main"):
+        score_benchmark(BENCHMARKS[REWARDBENCH2], scored, "latest")
+
+
+@pytest.mark.parametrize(
+    "formula, allenai, margin_term",
+    [
+        # tanh terms of tied:0 and tied:1 (tied:2, tied:3 at spread 0 left out)
+        ("0.1.4", 0.5481636729454756, (math.tanh(0.1 / 0.2 - 1) + math.tanh(-0.5 / 1.0 - 1)) / 2),
+        # all four: tied:2 adds tanh(+inf) = 1, tied:3 0 / 0 -> 0
+        ("main", 0.5540818364727379, (math.tanh(-0.5) + math.tanh(-1.5) + 1.0 + 0.0) / 4),
+    ],
+)
+def test_ties_score_matches_the_reference_formula(formula, allenai, margin_term):
+    """`allenai`: process_single_model of rewardbench 0.1.4 / main 05a9005 on these rows."""
     rows = [
         ("tied:0", 3, [2.0, 1.8, 1.9, 0.5, 0.4]),  # accurate, spread 0.2 < margin 1.3
         ("ref:0", 1, [1.0, 0.9, 0.2]),
@@ -108,16 +176,15 @@ def test_ties_score_matches_the_reference_formula():
         ("tied:4", 2, [1.0, 0.5, 0.0]),  # no ref:4: counts in tied accuracy only
     ]
     scored = [ScoredRow("Ties", i, n, tuple(s)) for i, n, s in rows]
-    score, details = ties_score(scored)
-    assert score == pytest.approx(reference_ties(rows), abs=1e-12)
+    score, details = ties_score(scored, formula)
+    assert score == pytest.approx(reference_ties(rows, formula), abs=1e-12)
+    assert score == pytest.approx(allenai, abs=1e-15)
     assert details["correctness_preferred_hard"] == pytest.approx(1 / 4)
     assert details["prompts"] == 4
     assert details["tied_accuracy"] == pytest.approx(3 / 5)
     assert details["ref_accuracy"] == pytest.approx(3 / 4)
     assert details["correctness_preferred"] == pytest.approx(2 / 4)
-    assert details["correctness_margin_score"] == pytest.approx(
-        (math.tanh(0.1 / 0.2 - 1) + math.tanh(-0.5 / 1.0 - 1) + 1.0 + 0.0) / 4
-    )
+    assert details["correctness_margin_score"] == pytest.approx(margin_term, abs=1e-15)
     only_tied, _ = ties_score(scored[-1:])
     assert only_tied is None  # no prompt with both rows: no score
     with pytest.raises(UserError, match="tied:7 has one correct"):

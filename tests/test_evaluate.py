@@ -7,17 +7,21 @@ import json
 import subprocess
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from jaxrm.assets import BENCHMARK_FIXTURES, TINY_EVAL_FILE, TINY_MODEL_DIR
+from jaxrm.benchmark_report import output_paths
 from jaxrm.benchmarks import EXAMPLE_COUNTS, SUBSET_MAPPING, V2_SUBSETS
+from jaxrm.errors import UserError
 from jaxrm.evaluate import main as evaluate_main
 from jaxrm.score import main as score_main
-from tests.test_benchmarks import reference_ties
+from tests.test_benchmarks import ALLENAI_SPREAD_ZERO_TIES, SPREAD_ZERO_TIES, reference_ties
 from tests.test_export import exported, trained  # noqa: F401 - fixtures
 from tests.test_score import assert_one_line_error, classifier_dir, write_jsonl  # noqa: F401
+from tests.test_train_failures import tmpfs  # noqa: F401 - fixture
 
 
 def read_jsonl(path):
@@ -72,7 +76,7 @@ def torch_scores(model, tokenizer, benchmark, rows):
     return out
 
 
-def expected_scores(benchmark, rows, scores, max_length):
+def expected_scores(benchmark, rows, scores, max_length, ties_formula="0.1.4"):
     """The benchmarks' scoring re-done from the transformers rewards (rows over `max_length`
     left out): {subset: (score, correct, scored, too long)}, sections, overall."""
     results, too_long, ties = defaultdict(list), defaultdict(int), []
@@ -97,7 +101,7 @@ def expected_scores(benchmark, rows, scores, max_length):
             weighted = sum(subsets[s][0] * EXAMPLE_COUNTS[s] for s in present)
             sections[section] = weighted / sum(EXAMPLE_COUNTS[s] for s in present)
         return subsets, sections, sum(sections.values()) / 4
-    subsets["Ties"] = (reference_ties(ties), None, len(ties), too_long["Ties"])
+    subsets["Ties"] = (reference_ties(ties, ties_formula), None, len(ties), too_long["Ties"])
     return subsets, {}, sum(subsets[s][0] for s in V2_SUBSETS) / 6
 
 
@@ -256,7 +260,9 @@ def test_unknown_benchmark_is_one_line():
 
 
 @pytest.mark.parametrize(
-    "case", ["columns", "empty", "prompt", "ties_id", "num_correct", "step", "config"]
+    "case",
+    ["columns", "empty", "prompt", "ties_id", "num_correct", "step", "config"]
+    + ["chosen_string", "rejected_item", "ties_formula", "ties_formula_config"],
 )
 def test_user_errors(tmp_path, capsys, case):
     from jaxrm.train import main as train_main
@@ -283,7 +289,23 @@ def test_user_errors(tmp_path, capsys, case):
         expected = ("bad.jsonl row 0", "'num_correct' is 4")
     elif case == "step":
         args, expected = ["--step", "3"], ("--step 3", "not a jaxrm training output directory")
-    if case == "config":
+    elif case == "chosen_string":  # arrow cannot type the column; the row is named all the same
+        rows = [dict(r, chosen=r["chosen"][0]) if i == 7 else r for i, r in enumerate(v2)]
+        write_jsonl(bad, rows)
+        expected = ("bad.jsonl row 7: 'chosen' must be a list of strings, got a string",)
+    elif case == "rejected_item":
+        rows = [dict(r, rejected=["no", 3]) if i == 4 else r for i, r in enumerate(v2)]
+        write_jsonl(bad, rows)
+        expected = ("bad.jsonl row 4: rejected[1] must be a string, got a number",)
+    elif case == "ties_formula":
+        args += ["--ties_formula", "latest"]
+        expected = ("unknown Ties formula 'latest'", "0.1.4, main")
+    if case == "ties_formula_config":
+        config = ["--config", "configs/tiny.py", f"--config.output_dir={tmp_path / 'run'}"]
+        config.append("--config.eval_benchmark_ties_formula=0.1.5")
+        result = error_of(train_main, config, capsys)
+        expected = ("'eval_benchmark_ties_formula' must be one of 0.1.4, main, got '0.1.5'",)
+    elif case == "config":
         config = ["--config", "configs/tiny.py", f"--config.output_dir={tmp_path / 'run'}"]
         config.append("--config.eval_benchmarks=['rewardbench','rewardbench_3']")
         result = error_of(train_main, config, capsys)
@@ -292,3 +314,187 @@ def test_user_errors(tmp_path, capsys, case):
         args += ["--model", str(TINY_MODEL_DIR), "--benchmark", benchmark, "--no_progress"]
         result = error_of(evaluate_main, args, capsys)
     assert_one_line_error(result, *expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ties formula, ties from identical completions, output paths, row errors (issue 18)
+
+
+def spread_zero_ties_file(path):
+    """tests.test_benchmarks.SPREAD_ZERO_TIES as a RewardBench 2 file (the texts do not matter:
+    `given_rewards` hands out its rewards in row order)."""
+    rows = []
+    for row_id, num_correct, scores in SPREAD_ZERO_TIES:
+        texts = [f"answer {j} to {row_id}" for j in range(len(scores))]
+        rows.append(
+            {"id": row_id, "prompt": f"question {row_id}", "chosen": texts[:num_correct],
+             "rejected": texts[num_correct:], "num_correct": num_correct, "subset": "Ties"}
+        )  # fmt: skip
+    return write_jsonl(path, rows)
+
+
+@pytest.fixture
+def given_rewards(monkeypatch):
+    """jaxrm.evaluate scores every conversation with SPREAD_ZERO_TIES' rewards, in order."""
+    rewards = [s for _, _, scores in SPREAD_ZERO_TIES for s in scores]
+
+    def score_token_ids(model, token_ids, *args, **kwargs):
+        assert len(token_ids) == len(rewards)
+        return np.asarray(rewards, np.float32)
+
+    monkeypatch.setattr("jaxrm.evaluate.score_token_ids", score_token_ids)
+
+
+@pytest.mark.parametrize("formula", ["0.1.4", "main", None])
+def test_ties_formula_reaches_the_json_and_table(
+    tmp_path,
+    classifier_dir,  # noqa: F811
+    given_rewards,
+    capsys,
+    formula,
+):
+    """--ties_formula picks allenai's 0.1.4 (the default) or main; the JSON and the table say
+    which. The scores are allenai's own on these rewards (see tests.test_benchmarks)."""
+    data = spread_zero_ties_file(tmp_path / "ties.jsonl")
+    output = tmp_path / "new" / "folder" / "r.json"
+    args = ["--model", str(classifier_dir[0]), "--benchmark", "rewardbench2", "--data", str(data)]
+    args += ["--output", str(output), "--no_progress"]
+    payload = evaluate_main(args + (["--ties_formula", formula] if formula else []))
+    used = formula or "0.1.4"
+    label = {"0.1.4": "rewardbench 0.1.4", "main": "rewardbench main 05a9005"}[used]
+    (ties,) = payload["subsets"]
+    assert ties["score"] == pytest.approx(ALLENAI_SPREAD_ZERO_TIES[used], abs=1e-7)
+    assert payload["ties_formula"] == label
+    assert json.loads(output.read_text())["ties_formula"] == label
+    assert output.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert f"Ties ({label}): tied_accuracy 0.5, ref_accuracy 0.75" in capsys.readouterr().out
+
+
+def test_benchmark_hook_takes_the_ties_formula_from_config(tmp_path, classifier_dir, given_rewards):  # noqa: F811
+    from flax import nnx
+
+    from jaxrm.config import get_config
+    from jaxrm.evaluate import BenchmarkHook
+    from jaxrm.score import load_model, locate_model
+    from jaxrm.sharding import make_mesh
+    from jaxrm.tokenizer import load_tokenizer
+
+    data = spread_zero_ties_file(tmp_path / "ties.jsonl")
+    cfg = get_config(
+        ["--config", "configs/tiny.py", "--config.eval_benchmarks=['rewardbench2']"]
+        + [f"--config.eval_benchmark_data.rewardbench2={data}"]
+        + ["--config.eval_benchmark_ties_formula=main"]
+    )
+    source = locate_model(str(classifier_dir[0]))
+    tokenizer = load_tokenizer(source.tokenizer)
+    hook = BenchmarkHook.from_config(cfg, tokenizer, 1)
+    mesh = make_mesh(1, -1, 1)
+    graphdef, params = nnx.split(load_model(source, mesh, vocab_size=len(tokenizer)))
+    metrics = hook(graphdef, params, mesh)
+    assert hook.ties_formula == "main"
+    assert metrics["eval/rewardbench2/Ties"] == pytest.approx(
+        ALLENAI_SPREAD_ZERO_TIES["main"], abs=1e-7
+    )
+
+
+def with_duplicates(benchmark, rows):
+    """Every row given identical completions: RewardBench's rejected = chosen (a tie: wrong);
+    RewardBench 2's first rejected = chosen (a tie at the top at best), and every correct answer
+    of a Ties row the same (spread 0, where the Ties formulas part)."""
+    if benchmark == "rewardbench":
+        return [dict(r, rejected=r["chosen"]) for r in rows]
+    out = []
+    for r in rows:
+        if r["subset"] == "Ties":
+            out.append(dict(r, chosen=[r["chosen"][0]] * len(r["chosen"])))
+        else:
+            out.append(dict(r, rejected=[r["chosen"][0], *r["rejected"][1:]]))
+    return out
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs jaxrm.score to score each distinct sequence once (issue 18, section 1, first "
+    "bullet, another branch); remove this mark when that lands",
+)
+@pytest.mark.parametrize(
+    "benchmark, formula",
+    [("rewardbench", "0.1.4"), ("rewardbench2", "0.1.4"), ("rewardbench2", "main")],
+)
+def test_identical_completions_tie_exactly(tmp_path, classifier_dir, benchmark, formula):  # noqa: F811
+    """The outside check of issue 18: identical completions must get identical rewards, so a
+    tie is scored as a tie (RewardBench: wrong; RewardBench 2: a 1/k share; Ties: spread 0),
+    as allenai's scoring of transformers' rewards (one forward per conversation) has it. Needs
+    jaxrm.score to give copies of a sequence bit-identical rewards."""
+    path, model, tokenizer = classifier_dir
+    rows = with_duplicates(benchmark, read_jsonl(BENCHMARK_FIXTURES[benchmark]))
+    data = write_jsonl(tmp_path / "duplicates.jsonl", rows)
+    scores = torch_scores(model, tokenizer, benchmark, rows)
+    args = ["--model", str(path), "--benchmark", benchmark, "--data", str(data)]
+    args += ["--batch_size", "8", "--no_progress", "--ties_formula", formula]
+    payload = evaluate_main(args)
+    subsets, sections, overall = expected_scores(benchmark, rows, scores, 10**6, formula)
+    got = {s["name"]: s for s in payload["subsets"]}
+    for name, (score, correct, _, _) in subsets.items():
+        if name == "Ties":
+            assert got[name]["score"] == pytest.approx(score, abs=1e-5)
+        else:
+            assert (got[name]["score"], got[name]["correct"]) == (score, correct), name
+    if benchmark == "rewardbench":
+        assert all(s["correct"] == 0 for s in payload["subsets"])
+    else:
+        assert all(s["correct"] <= s["scored"] / 2 for s in payload["subsets"][:-1])
+
+
+def test_output_names_the_json_and_the_chart_is_its_png_sibling():
+    assert output_paths("r.json") == (Path("r.json"), Path("r.png"))
+    assert output_paths("out/r") == (Path("out/r"), Path("out/r.png"))
+    assert output_paths("r.v2.json") == (Path("r.v2.json"), Path("r.v2.png"))
+    for name in ("r.png", "r.PNG"):
+        with pytest.raises(UserError, match=f"--output {name}: names the results JSON.* r.json"):
+            output_paths(name)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if evaluate gets as far as locating the model."""
+
+    def locate_model(*args, **kwargs):
+        raise AssertionError("evaluate got past its --output check")
+
+    monkeypatch.setattr("jaxrm.evaluate.locate_model", locate_model)
+
+
+@pytest.mark.parametrize(
+    "case", ["png", "directory", "chart_directory", "file_parent", "read_only"]
+)
+def test_unwritable_output_is_one_line_before_any_work(tmp_path, capsys, tmpfs, no_model, case):  # noqa: F811
+    output = tmp_path / "r.json"
+    if case == "png":
+        output, expected = tmp_path / "r.png", ("r.png: names the results JSON", "r.json")
+    elif case == "directory":
+        output.mkdir()
+        expected = ("--output", "r.json is a directory")
+    elif case == "chart_directory":
+        (tmp_path / "r.png").mkdir()
+        expected = ("the chart beside --output", "r.png is a directory")
+    elif case == "file_parent":
+        (tmp_path / "file").write_text("")
+        output, expected = tmp_path / "file" / "sub" / "r.json", ("file is a file, not a folder",)
+    else:
+        output = tmpfs("1m", read_only=True) / "new" / "r.json"
+        expected = ("cannot write in", "read-only file system")
+    args = ["--model", str(TINY_MODEL_DIR), "--benchmark", "rewardbench", "--output", str(output)]
+    result = error_of(evaluate_main, args, capsys)
+    assert_one_line_error(result, "--output", str(tmp_path), *expected)
+    assert result.returncode == 2
+    assert output.is_dir() if case == "directory" else not output.exists()
+
+
+def test_a_refused_output_check_creates_nothing(tmp_path, capsys):
+    """The check probes the nearest existing folder; new folders wait for the results."""
+    output = tmp_path / "a" / "b" / "r.json"
+    args = ["--model", str(TINY_MODEL_DIR), "--benchmark", "rewardbench", "--output", str(output)]
+    args += ["--data", str(tmp_path / "missing.jsonl")]
+    assert_one_line_error(error_of(evaluate_main, args, capsys), "missing.jsonl")
+    assert list(tmp_path.iterdir()) == []

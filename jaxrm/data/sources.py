@@ -121,7 +121,7 @@ def load_source(spec: SourceSpec) -> datasets.Dataset:
         except (pa.ArrowException, OSError) as e:
             raise UserError(f"{path}: unreadable parquet file ({first_line(e)})") from None
     if path.suffix in (".json", ".jsonl"):
-        return _from_rows(path, _read_json_rows(path))
+        return _from_rows(path, read_json_rows(path))
     kinds = ", ".join(FILE_SUFFIXES)
     raise UserError(f"{path}: unsupported file type (use {kinds} or a save_to_disk directory)")
 
@@ -149,7 +149,7 @@ def _load_saved(path: Path, split: str) -> datasets.Dataset:
     return loaded
 
 
-def _read_json_rows(path: Path) -> list[dict]:
+def read_json_rows(path: Path) -> list[dict]:
     """A JSON array of objects, or JSON lines (one object per line)."""
     try:
         text = path.read_text(encoding="utf-8")
