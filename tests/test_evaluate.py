@@ -412,11 +412,6 @@ def with_duplicates(benchmark, rows):
     return out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs jaxrm.score to score each distinct sequence once (issue 18, section 1, first "
-    "bullet, another branch); remove this mark when that lands",
-)
 @pytest.mark.parametrize(
     "benchmark, formula",
     [("rewardbench", "0.1.4"), ("rewardbench2", "0.1.4"), ("rewardbench2", "main")],
@@ -424,8 +419,8 @@ def with_duplicates(benchmark, rows):
 def test_identical_completions_tie_exactly(tmp_path, classifier_dir, benchmark, formula):  # noqa: F811
     """The outside check of issue 18: identical completions must get identical rewards, so a
     tie is scored as a tie (RewardBench: wrong; RewardBench 2: a 1/k share; Ties: spread 0),
-    as allenai's scoring of transformers' rewards (one forward per conversation) has it. Needs
-    jaxrm.score to give copies of a sequence bit-identical rewards."""
+    as allenai's scoring of transformers' rewards (one forward per conversation) has it: copies
+    of a sequence get bit-identical rewards (jaxrm.score scores each distinct sequence once)."""
     path, model, tokenizer = classifier_dir
     rows = with_duplicates(benchmark, read_jsonl(BENCHMARK_FIXTURES[benchmark]))
     data = write_jsonl(tmp_path / "duplicates.jsonl", rows)
