@@ -201,9 +201,9 @@ def _copy_tokenizer(source: Path, target: Path) -> None:
 def _check_target(output: Path, overwrite: bool) -> None:
     """Refuses an `--output` that is, or lies inside, a training run (but its own `hf/`), and
     an existing non-empty one unless `--overwrite` is given and it is an export jaxrm wrote."""
-    run = enclosing_run_dir(output)
-    if run is not None and Path(os.path.realpath(output)) != run / HF_SUBDIR:
-        where = "is" if Path(os.path.realpath(output)) == run else "lies inside"
+    run, resolved = enclosing_run_dir(output), Path(os.path.realpath(output))
+    if run is not None and resolved != run / HF_SUBDIR:
+        where = "is" if resolved == run else "lies inside"
         raise UserError(
             f"--output {output} {where} the training run {run}, which an export must not "
             f"replace; export to {run / HF_SUBDIR} or outside the run"
@@ -267,6 +267,33 @@ def _claimed(output: Path, overwrite: bool) -> Iterator[None]:
     finally:
         if lock is not None:
             lock.release()
+
+
+def _write_export(
+    output: Path,
+    tensors: Iterator[tuple[str, np.ndarray]],
+    plan: list[PlannedTensor],
+    shard_bytes: int,
+    files: dict[str, str],
+    tokenizer_path: Path,
+) -> None:
+    """Writes the weights, `files` and the tokenizer into a temporary sibling of `output`, then
+    installs it there; only process 0 writes (the others take part in the gathers)."""
+    writer = jax.process_index() == 0
+    tmp = temporary_sibling(output, "export-tmp")
+    try:
+        if writer:
+            remove_stale_temporaries(output, TEMPORARIES)
+            tmp.mkdir()
+        write_safetensors(tmp, tensors, plan, shard_bytes, writer)
+        if writer:
+            for name, text in files.items():
+                (tmp / name).write_text(text + "\n")
+            _copy_tokenizer(tokenizer_path, tmp)
+            _install(tmp, output)
+    finally:
+        if writer and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _install(tmp: Path, output: Path) -> None:
@@ -335,31 +362,21 @@ def export_checkpoint(
     with _claimed(output, overwrite):
         # meta and params of one step: a live run may have saved a newer one meanwhile
         step, params, meta = restore_params_and_meta(run_dir, step, abstract_params(config, mesh))
-        config_json = export_config(hf_config, pad_id, dtype, meta.get("reward_stats"))
         fetchers = tensor_fetchers(params, weight_dtype, f"{run_dir} step {step}")
-        tensors = iter_hf_tensors(fetchers, config)
-        marker = {"checkpoint": str(run_dir), "step": step, "dtype": dtype}
-
-        writer = jax.process_index() == 0
-        tmp = temporary_sibling(output, "export-tmp")
+        config_json = export_config(hf_config, pad_id, dtype, meta.get("reward_stats"))
+        files = {
+            "config.json": json.dumps(config_json, indent=2, sort_keys=True),
+            EXPORT_MARKER: json.dumps({"checkpoint": str(run_dir), "step": step, "dtype": dtype}),
+        }
         try:
-            if writer:
-                remove_stale_temporaries(output, TEMPORARIES)
-                tmp.mkdir()
-            write_safetensors(tmp, tensors, plan, shard_bytes, writer)
-            if writer:
-                (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True))
-                _copy_tokenizer(tokenizer_path, tmp)
-                (tmp / EXPORT_MARKER).write_text(json.dumps(marker) + "\n")
-                _install(tmp, output)
+            _write_export(
+                output, iter_hf_tensors(fetchers, config), plan, shard_bytes, files, tokenizer_path
+            )
         except OSError as e:
             raise UserError(
                 f"could not write the export to {output} ({write_failure(e)}); nothing there "
                 f"was changed, and {run_dir} step {step} is intact"
             ) from None
-        finally:
-            if writer and tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("jaxrm.export done")
     log.info("exported %s step %d (%s) to %s", run_dir, step, dtype, output)
