@@ -15,10 +15,12 @@ Orbax writes a step into a temporary directory and renames it once every item is
 step cut short by a crash or preemption is never listed. A listed step that cannot be read (a
 truncated or damaged file) is skipped with a warning: restoring "the latest" falls back to the
 newest step that reads, and a training run that resumes that way moves the unreadable newer steps
-to `OUTPUT/checkpoints.corrupt/` (so their step numbers can be saved again). `save` returns once
-the arrays are copied off the devices (the caller may then donate or overwrite them); the files are
-written in the background until the next `save`, `wait` or `close`. Every process must call
-`save`/`restore` (orbax coordinates them).
+to `OUTPUT/checkpoints.corrupt/` (so their step numbers can be saved again). A reader of a live
+run (export, evaluate, score) may see a step removed by the run's rotation (max_to_keep) while it
+reads it: without a step asked for, it reads the newest step listed then; an asked-for step is a
+one-line error. `save` returns once the arrays are copied off the devices (the caller may then
+donate or overwrite them); the files are written in the background until the next `save`, `wait`
+or `close`. Every process must call `save`/`restore` (orbax coordinates them).
 """
 
 from __future__ import annotations
@@ -259,7 +261,8 @@ def _read_newest(
     rotation removes while it is read gives way to the newest step listed then; a damaged one
     (still there) is skipped with a warning."""
     damaged: dict[int, str] = {}
-    for _ in range(MAX_ROTATIONS):
+    rotated = 0
+    while True:
         steps = [s for s in manager.all_steps() if s not in damaged]
         if not steps:
             if not damaged:
@@ -271,6 +274,13 @@ def _read_newest(
             return candidate, read(candidate)
         except Exception as e:  # noqa: BLE001 - fall back to another complete step
             if _removed(manager, directory, candidate):
+                rotated += 1
+                if rotated == MAX_ROTATIONS:
+                    raise UserError(
+                        f"{directory}: {rotated} checkpoints were removed by a live run's "
+                        "rotation while they were read; copy the newest step elsewhere and read "
+                        "the copy"
+                    ) from None
                 log.info(
                     "%s: step %d was removed by checkpoint rotation while it was read; reading "
                     "the newest step",
@@ -285,10 +295,6 @@ def _read_newest(
                 candidate,
                 first_line(e),
             )
-    raise UserError(
-        f"{directory}: {MAX_ROTATIONS} checkpoints were removed by a live run's rotation while "
-        "they were read; copy the run's newest step elsewhere and read the copy"
-    )
 
 
 def _removed(manager: ocp.CheckpointManager, directory: Path, step: int) -> bool:

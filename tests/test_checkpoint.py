@@ -228,3 +228,16 @@ def test_step_removed_while_steps_are_listed(tmp_path, monkeypatch):
     step, params = restore_params(tmp_path, None, abstract_like(sharded_params(mesh, seed=2)))
     assert step == 2
     assert_trees_equal(params, sharded_params(mesh, seed=2))
+
+
+def test_a_reader_outpaced_by_rotation_stops_with_one_line(tmp_path, monkeypatch):
+    three_steps(tmp_path, make_mesh(1, 4, 2))
+    root = tmp_path / "checkpoints"
+
+    def restore(self, at, *args, **kwargs):  # every step is rotated away as it is read
+        shutil.move(root / str(at), root / str(at + 100))
+        raise FileNotFoundError(root / str(at))
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", restore)
+    with pytest.raises(UserError, match=r"10 checkpoints were removed by a live run's rotation"):
+        read_meta(tmp_path)
