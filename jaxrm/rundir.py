@@ -155,9 +155,12 @@ def _gb(n: int) -> str:
 
 
 def has_checkpoint_steps(output_dir: Path) -> bool:
-    """Whether `output_dir/checkpoints/` holds a checkpoint step (a directory named by a number)."""
-    checkpoints = output_dir / "checkpoints"
-    return checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
+    """Whether `output_dir/checkpoints/` holds a checkpoint step (a directory named by a number);
+    False when it cannot be listed."""
+    try:
+        return any(p.name.isdigit() for p in (output_dir / "checkpoints").iterdir())
+    except OSError:  # missing, not a directory, or not readable
+        return False
 
 
 def is_run_dir(path: Path) -> bool:
