@@ -15,15 +15,19 @@ Orbax writes a step into a temporary directory and renames it once every item is
 step cut short by a crash or preemption is never listed. A listed step that cannot be read (a
 truncated or damaged file) is skipped with a warning: restoring "the latest" falls back to the
 newest step that reads, and a training run that resumes that way moves the unreadable newer steps
-to `OUTPUT/checkpoints.corrupt/` (so their step numbers can be saved again). `save` returns once
-the arrays are copied off the devices (the caller may then donate or overwrite them); the files are
-written in the background until the next `save`, `wait` or `close`. Every process must call
-`save`/`restore` (orbax coordinates them).
+to `OUTPUT/checkpoints.corrupt/` (so their step numbers can be saved again). A reader of a live
+run (export, evaluate, score) may see a step removed by the run's rotation (max_to_keep) while it
+reads it: without a step asked for, it reads the newest step listed then; an asked-for step is a
+one-line error. `save` returns once the arrays are copied off the devices (the caller may then
+donate or overwrite them); the files are written in the background until the next `save`, `wait`
+or `close`. Every process must call `save`/`restore` (orbax coordinates them).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
+import inspect
 import logging
 import os
 import shutil
@@ -45,6 +49,7 @@ CHECKPOINTS_SUBDIR = "checkpoints"
 CORRUPT_SUBDIR = "checkpoints.corrupt"
 TOKENIZER_SUBDIR = "tokenizer"
 ITEMS = ("state", "data", "meta")
+MAX_ROTATIONS = 10  # steps removed under a reader before it gives up
 T = TypeVar("T")
 
 
@@ -225,34 +230,87 @@ class Checkpointer:
 def _read_step(
     manager: ocp.CheckpointManager, directory: Path, step: int | None, read: Callable[[int], T]
 ) -> tuple[int, T]:
-    """(step, read(step)); for `step=None` the newest step that reads, warning about the ones
-    that do not. An explicitly requested step that does not read is a one-line error."""
+    """(step, read(step)); for `step=None` the newest step that reads (see `_read_newest`). An
+    explicitly requested step that does not read, or that a live run's checkpoint rotation
+    removes while it is read, is a one-line error."""
+    if step is None:
+        return _read_newest(manager, directory, read)
     steps = sorted(manager.all_steps())
-    if not steps:
-        raise UserError(f"{directory}: no complete checkpoint found")
-    if step is not None:
-        if step not in steps:
+    if step not in steps:
+        raise UserError(
+            f"{directory}: no checkpoint for step {step} (available: {', '.join(map(str, steps))})"
+            if steps
+            else f"{directory}: no complete checkpoint found"
+        )
+    try:
+        return step, read(step)
+    except Exception as e:  # noqa: BLE001 - a damaged checkpoint is reported, not raised
+        if _removed(manager, directory, step):
             raise UserError(
-                f"{directory}: no checkpoint for step {step} "
-                f"(available: {', '.join(map(str, steps))})"
-            )
-        try:
-            return step, read(step)
-        except Exception as e:  # noqa: BLE001 - a damaged checkpoint is reported, not raised
-            raise UserError(f"{directory}: step {step} cannot be read ({first_line(e)})") from None
-    first_error = None
-    for candidate in reversed(steps):
+                f"{directory}: step {step} was removed while it was being read (checkpoint "
+                "rotation of a live run: max_checkpoints_to_keep); pass a newer --step, or none "
+                "for the newest"
+            ) from None
+        raise UserError(f"{directory}: step {step} cannot be read ({first_line(e)})") from None
+
+
+def _read_newest(
+    manager: ocp.CheckpointManager, directory: Path, read: Callable[[int], T]
+) -> tuple[int, T]:
+    """(step, read(step)) of the newest step that reads. A step that a live run's checkpoint
+    rotation removes while it is read gives way to the newest step listed then; a damaged one
+    (still there) is skipped with a warning."""
+    damaged: dict[int, str] = {}
+    rotated = 0
+    while True:
+        steps = [s for s in manager.all_steps() if s not in damaged]
+        if not steps:
+            if not damaged:
+                raise UserError(f"{directory}: no complete checkpoint found")
+            newest, error = next(iter(damaged.items()))
+            raise UserError(f"{directory}: no checkpoint can be read (step {newest}: {error})")
+        candidate = max(steps)
         try:
             return candidate, read(candidate)
-        except Exception as e:  # noqa: BLE001 - fall back to the previous complete step
-            first_error = first_error or f"step {candidate}: {first_line(e)}"
+        except Exception as e:  # noqa: BLE001 - fall back to another complete step
+            if _removed(manager, directory, candidate):
+                rotated += 1
+                if rotated == MAX_ROTATIONS:
+                    raise UserError(
+                        f"{directory}: {rotated} checkpoints were removed by a live run's "
+                        "rotation while they were read; copy the newest step elsewhere and read "
+                        "the copy"
+                    ) from None
+                log.info(
+                    "%s: step %d was removed by checkpoint rotation while it was read; reading "
+                    "the newest step",
+                    directory,
+                    candidate,
+                )
+                continue
+            damaged[candidate] = first_line(e)
             log.warning(
                 "%s: checkpoint step %d cannot be read (%s); trying the previous one",
                 directory,
                 candidate,
                 first_line(e),
             )
-    raise UserError(f"{directory}: no checkpoint can be read ({first_error})")
+
+
+def _removed(manager: ocp.CheckpointManager, directory: Path, step: int) -> bool:
+    """Whether `step` is gone (a live run's rotation removed it); refreshes the step listing."""
+    _retry_vanishing(manager.reload)
+    return step not in manager.all_steps() or not (directory / str(step)).is_dir()
+
+
+def _retry_vanishing(call: Callable[[], T]) -> T:
+    """`call()`, tried again when a step directory vanished while orbax listed the steps."""
+    for _ in range(MAX_ROTATIONS - 1):
+        try:
+            return call()
+        except FileNotFoundError:
+            continue
+    return call()
 
 
 def sync_processes(name: str) -> None:
@@ -267,27 +325,37 @@ def sync_processes(name: str) -> None:
 def quiet_orbax() -> Iterator[None]:
     """Silences orbax's own log lines (absl, asyncio), which repeat every failure with a
     traceback (and warn that a read-only manager will not save): jaxrm reports each failure
-    itself, as one line (a one-line error, or a warning when it falls back to an older step)."""
+    itself, as one line (a one-line error, or a warning when it falls back to an older step).
+
+    A failed read leaves orbax's coroutines and tasks in reference cycles with the exception;
+    when they are collected they print it again ("Exception ignored in: <coroutine ...>", "Task
+    exception was never retrieved", hundreds of lines each), so they are collected here, while
+    still silenced, not at some later point (or at exit) when they would print."""
     loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
     levels, hook = [x.level for x in loggers], sys.unraisablehook
     for logger in loggers:
         logger.setLevel(logging.CRITICAL)
-    sys.unraisablehook = _drop_closed_loop_errors(hook)
+    sys.unraisablehook = _drop_orbax_leftovers(hook)
     try:
         yield
     finally:
+        gc.collect()
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
         sys.unraisablehook = hook
 
 
-def _drop_closed_loop_errors(hook: Callable[[Any], None]) -> Callable[[Any], None]:
-    """After a failed save, tensorstore's callbacks into orbax's closed event loop raise "Event
-    loop is closed" as unraisable exceptions; they only repeat a failure jaxrm reports."""
+def _drop_orbax_leftovers(hook: Callable[[Any], None]) -> Callable[[Any], None]:
+    """An unraisable hook that drops what orbax's failed saves and reads leave behind: after a
+    failed save, tensorstore's callbacks into orbax's closed event loop raise "Event loop is
+    closed"; a failed read's unfinished coroutines raise its error again when collected. Both
+    only repeat a failure jaxrm reports."""
 
     def unraisablehook(unraisable: Any) -> None:
         value = unraisable.exc_value
         if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        if inspect.iscoroutine(unraisable.object):
             return
         hook(unraisable)
 
@@ -300,7 +368,7 @@ def _open_read_only(output_dir: str | Path) -> Iterator[tuple[ocp.CheckpointMana
     if not directory.is_dir():
         raise UserError(f"{directory} does not exist: not a jaxrm training output directory")
     with quiet_orbax():
-        manager = _manager(directory, read_only=True)
+        manager = _retry_vanishing(lambda: _manager(directory, read_only=True))
         try:
             yield manager, directory
         finally:
@@ -323,21 +391,32 @@ def restore_params(
 ) -> tuple[int, Any]:
     """(step, params) of `step` (None: the newest that reads), in the abstract tree's shardings;
     the optimizer state is not read."""
+    step, params, _ = restore_params_and_meta(output_dir, step, abstract_params)
+    return step, params
+
+
+def restore_params_and_meta(
+    output_dir: str | Path, step: int | None, abstract_params: Any
+) -> tuple[int, Any, dict[str, Any]]:
+    """(step, params, meta), both of one step (None: the newest that reads, which may be newer
+    than an earlier `read_meta` found when a live run saved meanwhile)."""
     abstract = {"params": to_storage(abstract_params)}
     with _open_read_only(output_dir) as (manager, directory):
 
-        def read(at: int) -> Any:
+        def read(at: int) -> tuple[Any, dict[str, Any]]:
             restored = manager.restore(
                 at,
                 args=ocp.args.Composite(
                     state=ocp.args.PyTreeRestore(
                         abstract, restore_args=_restore_args(abstract), partial_restore=True
-                    )
+                    ),
+                    meta=ocp.args.JsonRestore(),
                 ),
             )
-            return from_storage(abstract_params, restored["state"]["params"])
+            return from_storage(abstract_params, restored["state"]["params"]), restored["meta"]
 
-        return _read_step(manager, directory, step, read)
+        step, (params, meta) = _read_step(manager, directory, step, read)
+        return step, params, meta
 
 
 def tokenizer_dir(output_dir: str | Path, meta: dict[str, Any]) -> Path:

@@ -390,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             file=sys.stderr,
         )
     mesh = make_mesh(1, -1, 1)
-    model = load_model(source, mesh, dtype=args.dtype, vocab_size=len(tokenizer))
+    model, source = load_model(source, mesh, dtype=args.dtype, vocab_size=len(tokenizer))
     started = time.time()
     result = score_prepared(
         prepared, model, mesh, args.batch_size, not args.no_progress, args.ties_formula

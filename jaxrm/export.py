@@ -28,22 +28,29 @@ is planned from the shapes before any data is fetched, so no shard is ever held 
 With several processes every process takes part in the gathers and only process 0 writes.
 
 Safety: the export is written to a hidden sibling directory and renamed to `--output` once
-complete; an existing non-empty `--output` is refused without `--overwrite`, and with it is replaced
-only after the new export is complete. An interrupted export leaves the target as it was (and the
-next export removes what a killed one left behind). A parameter holding a non-finite value refuses
-the export: no NaN ever reaches PyTorch, nor config.json. Without `--step`, the newest checkpoint
-that reads is exported (a damaged newer one is skipped with a warning); the step is printed.
+complete. An `--output` that is, or lies inside, a training run (except the run's own `hf/`) is
+refused, whatever `--overwrite` says. An existing non-empty `--output` is replaced only with
+`--overwrite`, only when jaxrm wrote it as an export (marked by `.jaxrm-export.json`, a folder of
+files only; a run's `hf/` from before the marker counts too), and only after the new export is
+complete: a folder of the user's is never deleted. While an export writes `--output` it holds a
+lock (`.NAME.jaxrm-export.lock` next to it), so a second export into the same target is refused with
+the first one's host and pid. An interrupted export leaves the target as it was (and the next export
+removes what a killed one left behind). A parameter holding a non-finite value refuses the export:
+no NaN ever reaches PyTorch, nor config.json. Without `--step`, the newest checkpoint that reads is
+exported (a damaged newer one is skipped with a warning, and a step that a live run's checkpoint
+rotation removes while it is read gives way to the newest one); the step is printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +60,12 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from jaxrm.checkpoint import read_meta, restore_params, tokenizer_dir, training_output_dir
+from jaxrm.checkpoint import (
+    read_meta,
+    restore_params_and_meta,
+    tokenizer_dir,
+    training_output_dir,
+)
 from jaxrm.dtypes import EXPORT_DTYPES, dtype_named
 from jaxrm.errors import UserError, exit_on_user_error, first_line, run_cli, write_failure
 from jaxrm.hf import (
@@ -66,12 +78,20 @@ from jaxrm.hf import (
 )
 from jaxrm.logs import setup_logging
 from jaxrm.models.llama import LlamaConfig
-from jaxrm.rundir import remove_stale_temporaries, temporary_sibling
+from jaxrm.rundir import (
+    TargetLock,
+    enclosing_run_dir,
+    is_run_dir,
+    remove_stale_temporaries,
+    temporary_sibling,
+)
 from jaxrm.sharding import gather_to_host, make_mesh, state_shardings
 from jaxrm.tensorfiles import PlannedTensor, parse_size, write_safetensors
 
 log = logging.getLogger(__name__)
 TEMPORARIES = ("export-tmp", "old")
+HF_SUBDIR = "hf"  # a training run's own export: OUTPUT/hf
+EXPORT_MARKER = ".jaxrm-export.json"  # what marks a directory as an export jaxrm wrote
 
 ARCHITECTURE = "LlamaForSequenceClassification"
 
@@ -179,9 +199,101 @@ def _copy_tokenizer(source: Path, target: Path) -> None:
 
 
 def _check_target(output: Path, overwrite: bool) -> None:
-    if output.exists() and not overwrite:
-        if output.is_file() or any(output.iterdir()):
-            raise UserError(f"{output} exists and is not empty; pass --overwrite to replace it")
+    """Refuses an `--output` that is, or lies inside, a training run (but its own `hf/`), and
+    an existing non-empty one unless `--overwrite` is given and it is an export jaxrm wrote."""
+    run, resolved = enclosing_run_dir(output), Path(os.path.realpath(output))
+    if run is not None and resolved != run / HF_SUBDIR:
+        where = "is" if resolved == run else "lies inside"
+        raise UserError(
+            f"--output {output} {where} the training run {run}, which an export must not "
+            f"replace; export to {run / HF_SUBDIR} or outside the run"
+        )
+    if not (output.exists() or output.is_symlink()) or _empty_dir(output):
+        return
+    if not _written_by_jaxrm(output, own_run_export=run is not None):
+        raise UserError(
+            f"--output {output} exists and is not an export written by jaxrm "
+            f"({_why_not_export(output)}); --overwrite replaces only those: pick another --output"
+        )
+    if not overwrite:
+        raise UserError(f"--output {output} holds an export; pass --overwrite to replace it")
+
+
+def _empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
+def _written_by_jaxrm(path: Path, own_run_export: bool) -> bool:
+    """Whether `path` is an export directory: files only (so deleting it deletes no run or
+    folder of the user's), with jaxrm's marker, or a run's own `hf/` from before the marker."""
+    if not path.is_dir() or any(p.is_dir() for p in path.iterdir()):
+        return False
+    return (path / EXPORT_MARKER).is_file() or (own_run_export and (path / "config.json").is_file())
+
+
+def _why_not_export(path: Path) -> str:
+    if not path.is_dir():
+        return "a file"
+    runs = [p for p in path.iterdir() if is_run_dir(p)]
+    if runs:
+        return f"it holds the training run {runs[0]}"
+    if any(p.is_dir() for p in path.iterdir()):
+        return "it holds folders"
+    return f"no {EXPORT_MARKER} in it"
+
+
+@contextlib.contextmanager
+def _claimed(output: Path, overwrite: bool) -> Iterator[None]:
+    """Process 0 holds the lock on writing `output` inside the block, and checks `output` again
+    under it (another export may have just finished there); every process learns whether it may
+    go on (the export's gathers are collectives)."""
+    lock, refusal = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = TargetLock(output, "export").acquire()
+            _check_target(output, overwrite)
+        except UserError as e:
+            refusal = e
+        except OSError as e:
+            refusal = UserError(f"could not lock --output {output} ({write_failure(e)})")
+    if jax.process_count() > 1:
+        taken = multihost_utils.broadcast_one_to_all(np.int32(refusal is None))
+        if not taken and refusal is None:
+            refusal = UserError(f"--output {output} was refused by process 0")
+    try:
+        if refusal is not None:
+            raise refusal
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _write_export(
+    output: Path,
+    tensors: Iterator[tuple[str, np.ndarray]],
+    plan: list[PlannedTensor],
+    shard_bytes: int,
+    files: dict[str, str],
+    tokenizer_path: Path,
+) -> None:
+    """Writes the weights, `files` and the tokenizer into a temporary sibling of `output`, then
+    installs it there; only process 0 writes (the others take part in the gathers)."""
+    writer = jax.process_index() == 0
+    tmp = temporary_sibling(output, "export-tmp")
+    try:
+        if writer:
+            remove_stale_temporaries(output, TEMPORARIES)
+            tmp.mkdir()
+        write_safetensors(tmp, tensors, plan, shard_bytes, writer)
+        if writer:
+            for name, text in files.items():
+                (tmp / name).write_text(text + "\n")
+            _copy_tokenizer(tokenizer_path, tmp)
+            _install(tmp, output)
+    finally:
+        if writer and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _install(tmp: Path, output: Path) -> None:
@@ -235,7 +347,7 @@ def export_checkpoint(
     output = Path(os.path.expanduser(str(output))).absolute()
     _check_target(output, overwrite)
     run_dir = _training_output_dir(checkpoint_dir)
-    meta_step, meta = read_meta(run_dir, step)
+    meta_step, meta = read_meta(run_dir, step)  # the model's config, before restoring anything
     if not isinstance(meta.get("hf_config"), dict):
         raise UserError(f"{run_dir} step {meta_step}: checkpoint metadata has no hf_config")
     tokenizer_path = tokenizer_dir(run_dir, meta)
@@ -247,33 +359,24 @@ def export_checkpoint(
     plan = plan_tensors(config, weight_dtype)
 
     mesh = mesh if mesh is not None else make_mesh(1, -1, 1)
-    step, params = restore_params(run_dir, step, abstract_params(config, mesh))
-    if step != meta_step:  # the newest step did not read: the one restored has its own stats
-        meta = read_meta(run_dir, step)[1]
-    config_json = export_config(hf_config, pad_id, dtype, meta.get("reward_stats"))
-    fetchers = tensor_fetchers(params, weight_dtype, f"{run_dir} step {step}")
-    tensors = iter_hf_tensors(fetchers, config)
-
-    writer = jax.process_index() == 0
-    tmp = temporary_sibling(output, "export-tmp")
-    try:
-        if writer:
-            output.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(output, TEMPORARIES)
-            tmp.mkdir()
-        write_safetensors(tmp, tensors, plan, shard_bytes, writer)
-        if writer:
-            (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True))
-            _copy_tokenizer(tokenizer_path, tmp)
-            _install(tmp, output)
-    except OSError as e:
-        raise UserError(
-            f"could not write the export to {output} ({write_failure(e)}); nothing there was "
-            f"changed, and {run_dir} step {step} is intact"
-        ) from None
-    finally:
-        if writer and tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with _claimed(output, overwrite):
+        # meta and params of one step: a live run may have saved a newer one meanwhile
+        step, params, meta = restore_params_and_meta(run_dir, step, abstract_params(config, mesh))
+        fetchers = tensor_fetchers(params, weight_dtype, f"{run_dir} step {step}")
+        config_json = export_config(hf_config, pad_id, dtype, meta.get("reward_stats"))
+        files = {
+            "config.json": json.dumps(config_json, indent=2, sort_keys=True),
+            EXPORT_MARKER: json.dumps({"checkpoint": str(run_dir), "step": step, "dtype": dtype}),
+        }
+        try:
+            _write_export(
+                output, iter_hf_tensors(fetchers, config), plan, shard_bytes, files, tokenizer_path
+            )
+        except OSError as e:
+            raise UserError(
+                f"could not write the export to {output} ({write_failure(e)}); nothing there "
+                f"was changed, and {run_dir} step {step} is intact"
+            ) from None
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("jaxrm.export done")
     log.info("exported %s step %d (%s) to %s", run_dir, step, dtype, output)
@@ -294,6 +397,7 @@ def push_to_hub(folder: Path, repo_id: str, revision: str | None) -> str:
             repo_id=repo_id,
             revision=revision,
             commit_message="Upload jaxrm reward model",
+            ignore_patterns=[EXPORT_MARKER],
         )
     except Exception as e:  # noqa: BLE001 - any hub failure is one user-facing line
         raise UserError(f"push to hub {repo_id} failed: {first_line(e)}") from None

@@ -114,15 +114,19 @@ def _holder_gone(holder: dict[str, Any]) -> bool:
 
 
 def _busy_message(output_dir: Path, holder: dict[str, Any]) -> str:
+    return (
+        f"output_dir {output_dir} is in use by another live run ({_describe_holder(holder)}); "
+        "wait for it to finish or pick another output_dir"
+    )
+
+
+def _describe_holder(holder: dict[str, Any]) -> str:
+    """`host pid N, running since DATE` of a lock file's holder."""
     who = f"{holder.get('host', '?')} pid {holder.get('pid', '?')}"
-    since = ""
     if isinstance(holder.get("started"), int | float):
         started = time.strftime("%Y-%m-%d %H:%M", time.localtime(holder["started"]))
-        since = f", running since {started}"
-    return (
-        f"output_dir {output_dir} is in use by another live run ({who}{since}); wait for it to "
-        "finish or pick another output_dir"
-    )
+        who += f", running since {started}"
+    return who
 
 
 def check_writable(output_dir: Path) -> None:
@@ -150,11 +154,35 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
+def has_checkpoint_steps(output_dir: Path) -> bool:
+    """Whether `output_dir/checkpoints/` holds a checkpoint step (a directory named by a number);
+    False when it cannot be listed."""
+    try:
+        return any(p.name.isdigit() for p in (output_dir / "checkpoints").iterdir())
+    except OSError:  # missing, not a directory, or not readable
+        return False
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether `path` is a training run's output directory: it holds the run lock's file, a
+    checkpoint step or set-aside steps (not just any `checkpoints/`, which other tools write)."""
+    return path.is_dir() and (
+        (path / LOCK_FILE).exists()
+        or has_checkpoint_steps(path)
+        or (path / "checkpoints.corrupt").is_dir()
+    )
+
+
+def enclosing_run_dir(path: Path) -> Path | None:
+    """The training run directory that `path` is or lies inside (symlinks resolved), or None."""
+    resolved = Path(os.path.realpath(path))
+    return next((p for p in (resolved, *resolved.parents) if is_run_dir(p)), None)
+
+
 def previous_outputs(output_dir: Path) -> list[str]:
     """Which outputs of an earlier run `output_dir` holds (checkpoints, an export)."""
     found = []
-    checkpoints = output_dir / "checkpoints"
-    if checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir()):
+    if has_checkpoint_steps(output_dir):
         found.append("checkpoints")
     if (output_dir / "hf").exists():
         found.append("an HF export (hf/)")
@@ -192,3 +220,82 @@ def remove_stale_temporaries(target: Path, kinds: tuple[str, ...]) -> None:
 def temporary_sibling(target: Path, kind: str) -> Path:
     """`.NAME.<kind>-<host>-<pid>` next to `target`: a name `remove_stale_temporaries` knows."""
     return target.with_name(f".{target.name}.{kind}-{socket.gethostname()}-{os.getpid()}")
+
+
+class TargetLock:
+    """An exclusive lock on writing `target` (e.g. an export): a `flock` on the sibling file
+    `.NAME.jaxrm-<what>.lock`, which holds the writer's host and pid and is removed on release.
+
+    After taking the flock the file is checked to be still the one at that path (a holder that
+    released meanwhile removed it), so two writers can never both hold it. On a file system
+    without `flock` the holder's host and pid decide, as for the run lock."""
+
+    def __init__(self, target: Path, what: str):
+        self.target = target
+        self.what = what
+        self.path = target.with_name(f".{target.name}.jaxrm-{what}.lock")
+        self._file: Any = None
+
+    def acquire(self) -> TargetLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while self._file is None:
+            f = open(self.path, "a+")  # noqa: SIM115 - held open while the target is written
+            try:
+                self._flock(f)
+            except BaseException:
+                f.close()
+                raise
+            if _same_file(f, self.path):
+                self._file = f
+            else:
+                f.close()
+        self._file.seek(0)
+        self._file.truncate()
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        self._file.write(json.dumps(info))
+        self._file.flush()
+        return self
+
+    def _flock(self, f: Any) -> None:
+        """Takes the flock on `f`, or a one-line error naming the live holder."""
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            busy = True
+        except OSError as e:
+            if e.errno not in _NO_FLOCK:
+                raise
+            holder = _read_holder(self.path)
+            busy = bool(holder) and not _holder_gone(holder)
+        if busy:
+            raise UserError(self._busy_message(_read_holder(self.path)))
+
+    def release(self) -> None:
+        if self._file is None:
+            return
+        self.path.unlink(missing_ok=True)  # while still held: see acquire
+        self._file.close()
+        self._file = None
+
+    def _busy_message(self, holder: dict[str, Any]) -> str:
+        return (
+            f"{self.target} is being written by another {self.what} ({_describe_holder(holder)});"
+            f" wait for it to finish or pick another target"
+        )
+
+    def __enter__(self) -> TargetLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _same_file(f: Any, path: Path) -> bool:
+    """Whether the open file `f` is still the file at `path`."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(f.fileno())
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)

@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from jaxrm.checkpoint import read_meta, restore_params, tokenizer_dir, training_output_dir
+from jaxrm.checkpoint import read_meta, restore_params_and_meta, tokenizer_dir, training_output_dir
 from jaxrm.data import packing
 from jaxrm.data.batch import PACKED_FIELDS, batch_shardings, local_part
 from jaxrm.data.formats import CONVERSATIONAL, detect_format, normalize, validate_conversation
@@ -74,6 +74,7 @@ class ModelSource:
     meta: dict[str, Any] | None  # the run's checkpoint metadata
     tokenizer: str  # the tokenizer to use
     hf_config: dict[str, Any]  # the model's config.json (a run's: from its metadata)
+    newest: bool = False  # no --step given: loading takes the newest step then (see load_model)
 
     def describe(self) -> str:
         return self.name if self.run_dir is None else f"{self.name} step {self.step}"
@@ -87,12 +88,13 @@ def locate_model(
     path = Path(os.path.expanduser(str(name_or_path)))
     run_dir = None if (path / "config.json").is_file() else training_output_dir(path)
     if run_dir is not None:
-        step, meta = read_meta(run_dir, step)
+        found, meta = read_meta(run_dir, step)
         if not isinstance(meta.get("hf_config"), dict):
-            raise UserError(f"{run_dir} step {step}: checkpoint metadata has no hf_config")
+            raise UserError(f"{run_dir} step {found}: checkpoint metadata has no hf_config")
         tokenizer = tokenizer or str(tokenizer_dir(run_dir, meta))
         return ModelSource(
-            str(name_or_path), None, run_dir, step, meta, tokenizer, meta["hf_config"]
+            str(name_or_path), None, run_dir, found, meta, tokenizer, meta["hf_config"],
+            step is None,
         )
     if step is not None:
         raise UserError(
@@ -107,10 +109,12 @@ def locate_model(
 
 def load_model(
     source: ModelSource, mesh, *, dtype: str = "float32", vocab_size: int | None = None
-) -> nnx.Module:
-    """The located reward model, sharded on `mesh`, computing in `dtype`. A training run's params
-    are restored straight into the training layout (its optimizer state is not read); an HF
-    model's embedding grows to `vocab_size` (the tokenizer's length) when that is larger. A
+) -> tuple[nnx.Module, ModelSource]:
+    """The located reward model, sharded on `mesh`, computing in `dtype`, and its source as
+    loaded. A training run's params are restored straight into the training layout (its
+    optimizer state is not read); without --step from the newest step that reads then (a live
+    run may have saved a newer one, or rotated the located one away, since it was located). An
+    HF model's embedding grows to `vocab_size` (the tokenizer's length) when that is larger. A
     non-finite weight is refused (`check_finite`)."""
     compute = dtype_named(dtype, EXPORT_DTYPES, "--dtype")
     if source.run_dir is not None:
@@ -120,12 +124,15 @@ def load_model(
                 f"the tokenizer has {vocab_size} tokens, more than the {config.vocab_size} "
                 f"embeddings {source.describe()} was trained with"
             )
-        _, params = restore_params(source.run_dir, source.step, abstract_params(config, mesh))
+        step, params, meta = restore_params_and_meta(
+            source.run_dir, None if source.newest else source.step, abstract_params(config, mesh)
+        )
         graphdef, state = abstract_reward_model(config)
         nnx.replace_by_pure_dict(state, params)
         model = nnx.merge(graphdef, state)
-        check_finite(model, config, source.describe())
-        return model
+        loaded = dataclasses.replace(source, step=step, meta=meta)
+        check_finite(model, config, loaded.describe())
+        return model, loaded
     model, hf_config, report = load_reward_model(
         str(source.model_dir), mesh, min_vocab_size=vocab_size, dtype=compute, attention="flash"
     )
@@ -136,7 +143,7 @@ def load_model(
             file=sys.stderr,
         )
     check_finite(model, llama_config_from_hf(hf_config), source.describe())
-    return model
+    return model, source
 
 
 def check_finite(model: nnx.Module, config: LlamaConfig, where: str) -> None:
@@ -416,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     ]
     check_context(token_ids, conversations, source, args.data)
     mesh = make_mesh(1, -1, 1)
-    model = load_model(source, mesh, dtype=args.dtype, vocab_size=len(tokenizer))
+    model, source = load_model(source, mesh, dtype=args.dtype, vocab_size=len(tokenizer))
     rewards = score_token_ids(model, token_ids, args.batch_size, mesh, not args.no_progress)
     scored = set_rewards(rows, conversations, rewards)
     write_rows(output, scored)

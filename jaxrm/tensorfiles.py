@@ -55,22 +55,38 @@ class StoredTensor:
 
 
 def read_safetensors_header(path: Path) -> dict[str, StoredTensor]:
-    """name -> location, from a safetensors file's header (the data is not read)."""
+    """name -> location, from a safetensors file's header (the data is not read). A file shorter
+    than its header says (cut off by a failed download or copy) is a one-line error here, not a
+    memory-map failure when the tensor is read."""
     try:
         with open(path, "rb") as f:
             header_len = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(header_len))
+        size = path.stat().st_size
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: not a safetensors file (its header is not a JSON object)")
     entries = {}
+    data_end = 8 + header_len
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype = FROM_SAFETENSORS.get(info["dtype"])
+        try:
+            dtype = FROM_SAFETENSORS.get(info["dtype"])
+            begin, end = (8 + header_len + int(x) for x in info["data_offsets"])
+            shape = tuple(int(n) for n in info["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path}: tensor {name} has a malformed header entry") from None
         if dtype is None:
             raise UserError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        begin = 8 + header_len + info["data_offsets"][0]
-        entries[name] = StoredTensor(path, dtype, tuple(info["shape"]), begin)
+        entries[name] = StoredTensor(path, dtype, shape, begin)
+        data_end = max(data_end, end)
+    if size < data_end:
+        raise UserError(
+            f"{path}: truncated safetensors file ({size:,} bytes, its header needs {data_end:,}); "
+            "download or copy it again"
+        )
     return entries
 
 

@@ -389,7 +389,7 @@ def test_benchmark_hook_takes_the_ties_formula_from_config(tmp_path, classifier_
     tokenizer = load_tokenizer(source.tokenizer)
     hook = BenchmarkHook.from_config(cfg, tokenizer, 1)
     mesh = make_mesh(1, -1, 1)
-    graphdef, params = nnx.split(load_model(source, mesh, vocab_size=len(tokenizer)))
+    graphdef, params = nnx.split(load_model(source, mesh, vocab_size=len(tokenizer))[0])
     metrics = hook(graphdef, params, mesh)
     assert hook.ties_formula == "main"
     assert metrics["eval/rewardbench2/Ties"] == pytest.approx(

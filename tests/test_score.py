@@ -227,7 +227,7 @@ def test_a_reward_does_not_depend_on_its_neighbours_in_a_packed_row(classifier_d
     """One sequence scored alone and after longer sequences in the same packed row (so at
     another start, next to other tokens): the same reward within float32 noise."""
     path, _, _ = classifier_dir
-    model = load_model(locate_model(str(path)), make_mesh(1, -1, 1))
+    model, _ = load_model(locate_model(str(path)), make_mesh(1, -1, 1))
     rng = np.random.default_rng(1)
     seq = rng.integers(1, 200, 25).tolist()
     alone = score_token_ids(model, [seq], 64, make_mesh(1, -1, 1), progress=False)[0]
