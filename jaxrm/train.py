@@ -3,10 +3,12 @@
 Phases: config (every key validated) -> distributed + mesh -> output directory (lock, fresh or
 resumed, config drift, free space) -> tokenizer + data -> model (HF import into the sharded
 layout) -> optimizer -> restore -> train with periodic eval and checkpoints (divergence guard,
-preemption) -> final eval -> save (orbax checkpoint, HF export to OUTPUT/hf, metrics.png).
+preemption) -> the last step's checkpoint -> final eval (recorded in that checkpoint) -> HF
+export to OUTPUT/hf -> metrics.png.
 
-Exit codes: 0 done; 2 a user error (one line, nothing written); 3 diverged (the last good
-checkpoint is kept); 75 stopped by SIGTERM/SIGINT after saving a checkpoint (rerun to resume).
+Exit codes: 0 done; 2 a user error (one line, nothing written; a refused run leaves its output
+directory as it found it); 3 diverged (the last good checkpoint is kept); 75 stopped by
+SIGTERM/SIGINT with a checkpoint on disk (rerun to resume, or to finish what the last step left).
 """
 
 from __future__ import annotations
@@ -753,15 +755,15 @@ class Loop:
             if self.step not in (self.saved_step, self.pending_step):
                 self.save()
             self.settle_saves()
-        self.stop.kept(
-            f"stopped after the last step ({self.step} of {self.total_steps}), whose checkpoint "
-            f"is saved in {self.checkpointer.directory}; rerun the same command to finish the "
-            "final eval and the HF export"
-        )
+        final_eval = self.eval_batches is not None and self.last_eval_step != self.step
+        self.left_to_do(["the final eval"] * final_eval + ["the HF export"] * self.cfg.export_hf)
+        if self.accounting.stop_voted and not self.stop.requested:  # another process's signal
+            raise RunStopped(f"another process was stopped; {self.stop.note}", EXIT_INTERRUPTED)
         self.stop.stop_if_requested()
-        if self.eval_batches is not None and self.last_eval_step != self.step:
+        if final_eval:
             self.log_record({**self.progress_fields(self.step), **self.eval_record()})
             self.record_final_eval()
+            self.left_to_do(["the HF export"] * self.cfg.export_hf)
         if not self.cfg.export_hf:
             return None
         from jaxrm.export import export_checkpoint
@@ -774,7 +776,17 @@ class Loop:
             dtype=self.cfg.export_dtype,
             overwrite=True,
         )
+        self.left_to_do([])
         return exported
+
+    def left_to_do(self, phases: list[str]) -> None:
+        """What a stop from now on says: the last step's checkpoint is kept, `phases` are not
+        done (a rerun does them)."""
+        left = " and ".join(phases) or "metrics.png (the rest is done)"
+        self.stop.kept(
+            f"stopped after the last step ({self.step} of {self.total_steps}), whose checkpoint "
+            f"is saved in {self.checkpointer.directory}; rerun the same command to finish {left}"
+        )
 
     def record_final_eval(self) -> None:
         """Adds the final eval to the last step's checkpoint: its reward stats for the export,

@@ -275,7 +275,8 @@ def test_sigterm_after_the_last_step_keeps_its_checkpoint_then_rerun_finishes(st
         in_eval,
         EXIT_INTERRUPTED,
         f"SIGTERM received; stopped after the last step ({STEPS} of {STEPS}), whose checkpoint is "
-        f"saved in {output / 'checkpoints'}; rerun the same command",
+        f"saved in {output / 'checkpoints'}; rerun the same command to finish the final eval and "
+        "the HF export",
     )
     assert read_meta(output)[0] == STEPS  # the last step's checkpoint is complete
     assert "final_eval" not in read_meta(output)[1]
@@ -283,7 +284,7 @@ def test_sigterm_after_the_last_step_keeps_its_checkpoint_then_rerun_finishes(st
     assert not (output / "hf").exists()
 
     in_export = train_signalled_in("export", output, with_eval)
-    assert_stopped(in_export, EXIT_INTERRUPTED, f"stopped after the last step ({STEPS} of")
+    assert_stopped(in_export, EXIT_INTERRUPTED, f"last step ({STEPS} of", "to finish the HF export")
     assert f"resumed from step {STEPS}" in in_export.stderr
     records = metrics(output)
     assert [r["step"] for r in records] == [*range(1, STEPS + 1), STEPS]  # trained once
