@@ -693,46 +693,47 @@ class Loop:
             dynamic_ncols=True,
         )
         pending: tuple[int, dict[str, jax.Array], int] | None = None
+        self.stop.graceful = True
         try:
-            with self.stop.deferred():
-                while self.step < self.total_steps and not accounting.diverged():
-                    votes = stop_votes(self.mesh, self.stop.requested)
-                    host = next(self.train_iter)
-                    batch = data.to_global(host, self.mesh)
-                    self.state, outputs = self.train_step(self.state, batch, votes)
-                    self.step += 1
-                    progress.update(1)
-                    if pending is not None:
-                        self.write(pending[0], accounting.consume(*pending), progress)
-                    pending = (self.step, outputs, int(host["tokens"]))
-                    last = self.step == self.total_steps
-                    eval_due = self.eval_batches is not None and due(self.step, cfg.eval_steps)
-                    eval_due = eval_due and not last
-                    save_due = due(self.step, cfg.checkpointing_steps) and not last
-                    read_now = eval_due or save_due or accounting.stop_voted
-                    if accounting.diverged() or not (read_now or accounting.window_ends(self.step)):
-                        continue
-                    record = accounting.consume(*pending)
-                    pending = None
-                    if accounting.diverged():
-                        self.write(self.step, record, progress)
-                        break
-                    if eval_due:
-                        with accounting.paused():
-                            record.update(self.eval_record())
+            while self.step < self.total_steps and not accounting.diverged():
+                votes = stop_votes(self.mesh, self.stop.requested)
+                host = next(self.train_iter)
+                batch = data.to_global(host, self.mesh)
+                self.state, outputs = self.train_step(self.state, batch, votes)
+                self.step += 1
+                progress.update(1)
+                if pending is not None:
+                    self.write(pending[0], accounting.consume(*pending), progress)
+                pending = (self.step, outputs, int(host["tokens"]))
+                last = self.step == self.total_steps
+                eval_due = self.eval_batches is not None and due(self.step, cfg.eval_steps)
+                eval_due = eval_due and not last
+                save_due = due(self.step, cfg.checkpointing_steps) and not last
+                read_now = eval_due or save_due or accounting.stop_voted
+                if accounting.diverged() or not (read_now or accounting.window_ends(self.step)):
+                    continue
+                record = accounting.consume(*pending)
+                pending = None
+                if accounting.diverged():
                     self.write(self.step, record, progress)
-                    if accounting.stop_voted and not last:
-                        self.save(wait=True)
-                        raise RunStopped(
-                            f"interrupted at step {self.step} of {self.total_steps}; checkpoint "
-                            f"saved in {self.checkpointer.directory}; rerun the same command to "
-                            "resume",
-                            EXIT_INTERRUPTED,
-                        )
-                    if save_due:
-                        with accounting.paused():
-                            self.save()
+                    break
+                if eval_due:
+                    with accounting.paused():
+                        record.update(self.eval_record())
+                self.write(self.step, record, progress)
+                if accounting.stop_voted and not last:
+                    self.save(wait=True)
+                    raise RunStopped(
+                        f"interrupted at step {self.step} of {self.total_steps}; checkpoint "
+                        f"saved in {self.checkpointer.directory}; rerun the same command to "
+                        "resume",
+                        EXIT_INTERRUPTED,
+                    )
+                if save_due:
+                    with accounting.paused():
+                        self.save()
         finally:
+            self.stop.graceful = False
             progress.close()
         if accounting.diverged():
             self.settle_saves()
