@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import inspect
+import json
 import logging
 import os
 import shutil
@@ -202,6 +203,20 @@ class Checkpointer:
         sync_processes("jaxrm.checkpoint.set_aside")
         self._manager.reload()
         return newer
+
+    def update_meta(self, step: int, updates: dict[str, Any]) -> None:
+        """Adds `updates` to the metadata of the saved `step` (process 0 rewrites its meta.json
+        atomically): what is known only after that step's checkpoint, e.g. the final eval's."""
+        if jax.process_index() == 0:
+            path = self.directory / str(step) / "meta" / "meta.json"
+            meta = {**json.loads(path.read_text()), **updates}
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            try:
+                tmp.write_text(json.dumps(meta))
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+        sync_processes("jaxrm.checkpoint.update_meta")
 
     def wait(self) -> None:
         """Blocks until the pending asynchronous save is on disk."""

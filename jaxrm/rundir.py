@@ -59,9 +59,26 @@ class RunLock:
 
     def __init__(self, output_dir: Path):
         self.path = Path(output_dir) / LOCK_FILE
+        self.created = False  # whether `acquire` created the lock file
         self._file: Any = None
 
     def acquire(self) -> RunLock:
+        while True:
+            created = not self.path.exists()
+            f = self._lock_file()
+            if _is_file_at(f, self.path):
+                break
+            f.close()  # removed by its holder (`release(remove=True)`) before we locked it
+        f.seek(0)
+        f.truncate()
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        f.write(json.dumps(info))
+        f.flush()
+        self._file, self.created = f, created
+        return self
+
+    def _lock_file(self) -> Any:
+        """The lock file, opened and locked, or a one-line error naming its live holder."""
         f = open(self.path, "a+")  # noqa: SIM115 - held open for the run
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -77,17 +94,14 @@ class RunLock:
             if holder and not _holder_gone(holder):
                 f.close()
                 raise UserError(_busy_message(self.path.parent, holder)) from None
-        f.seek(0)
-        f.truncate()
-        info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
-        f.write(json.dumps(info))
-        f.flush()
-        self._file = f
-        return self
+        return f
 
-    def release(self) -> None:
+    def release(self, remove: bool = False) -> None:
+        """Drops the lock; `remove`: deletes the lock file too (while still holding it)."""
         if self._file is None:
             return
+        if remove:
+            self.path.unlink(missing_ok=True)
         self._file.seek(0)
         self._file.truncate()
         self._file.close()  # closing drops the flock
@@ -98,6 +112,16 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _is_file_at(f: Any, path: Path) -> bool:
+    """Whether the open file `f` is still the file at `path`."""
+    try:
+        at = path.stat()
+    except FileNotFoundError:
+        return False
+    held = os.fstat(f.fileno())
+    return (held.st_dev, held.st_ino) == (at.st_dev, at.st_ino)
 
 
 def _read_holder(path: Path) -> dict[str, Any]:

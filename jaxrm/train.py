@@ -3,21 +3,24 @@
 Phases: config (every key validated) -> distributed + mesh -> output directory (lock, fresh or
 resumed, config drift, free space) -> tokenizer + data -> model (HF import into the sharded
 layout) -> optimizer -> restore -> train with periodic eval and checkpoints (divergence guard,
-preemption) -> final eval -> save (orbax checkpoint, HF export to OUTPUT/hf, metrics.png).
+preemption) -> the last step's checkpoint -> final eval (recorded in that checkpoint) -> HF
+export to OUTPUT/hf -> metrics.png.
 
-Exit codes: 0 done; 2 a user error (one line, nothing written); 3 diverged (the last good
-checkpoint is kept); 75 stopped by SIGTERM/SIGINT after saving a checkpoint (rerun to resume).
+Exit codes: 0 done; 2 a user error (one line, nothing written; a refused run leaves its output
+directory as it found it); 3 diverged (the last good checkpoint is kept); 75 stopped by
+SIGTERM/SIGINT with a checkpoint on disk (rerun to resume, or to finish what the last step left).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -303,21 +306,48 @@ def evaluate(eval_step, params, batches, mesh) -> dict[str, float]:
 
 class StepAccounting:
     """Reads each train step's small outputs on the host (one step late, so the devices stay
-    busy): logging windows, skipped (non-finite) steps, the agreed stop vote."""
+    busy): logging windows, skipped (non-finite) steps, the agreed stop vote.
 
-    def __init__(self, cfg: ml_collections.ConfigDict, schedule, total_steps: int):
+    The step that ends a logging window (`window_ends`) must be read as soon as it is dispatched
+    (not one step late): a window's throughput is its steps' non-pad tokens over the wall time
+    from the previous window's last step being done to its own last step being done, less the
+    time spent `paused` (eval, checkpoints), so tokens and time cover the same steps. The first
+    window includes compilation."""
+
+    def __init__(
+        self,
+        cfg: ml_collections.ConfigDict,
+        schedule,
+        total_steps: int,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
         self.cfg, self.schedule, self.total_steps = cfg, schedule, total_steps
         self.skipped_total = 0
         self.consecutive: list[int] = []  # the current run of skipped steps
         self.stop_voted = False
         self._window: dict[str, float] = {}
         self._grad_norms: list[float] = []
-        self._tokens, self._steps, self._since = 0, 0, time.perf_counter()
+        self._clock = clock
+        self._tokens, self._steps, self._paused = 0, 0, 0.0
+        self._since = clock()
+
+    def window_ends(self, step: int) -> bool:
+        """Whether `step` is a logging step (its record carries the window's train/ fields)."""
+        return due(step, self.cfg.logging_steps) or step == self.total_steps
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside (eval, a checkpoint) is left out of the window's throughput; use it
+        only with no step in flight (after `consume` of the newest step)."""
+        started = self._clock()
+        try:
+            yield
+        finally:
+            self._paused += self._clock() - started
 
     def consume(self, step: int, outputs: dict[str, jax.Array], tokens: int) -> dict[str, Any]:
-        """The step's train/ record fields (empty unless a logging step). `tokens`: the step's
-        non-pad tokens (chosen + rejected), for the throughput of the logging window (wall clock;
-        the first window includes compilation)."""
+        """The step's train/ record fields (empty unless `window_ends(step)`). `tokens`: the
+        step's non-pad tokens (chosen + rejected)."""
         host = {k: float(v) for k, v in jax.device_get(outputs).items()}
         self._tokens += tokens
         self._steps += 1
@@ -335,7 +365,7 @@ class StepAccounting:
             self._grad_norms.append(host["grad_norm"])
             for k, v in host.items():
                 self._window[k] = self._window.get(k, 0.0) + v
-        if not (due(step, self.cfg.logging_steps) or step == self.total_steps):
+        if not self.window_ends(step):
             return {}
         with np.errstate(divide="ignore", invalid="ignore"):  # only skipped steps: NaN -> null
             metrics = finalize_metrics(self._sums())
@@ -343,11 +373,12 @@ class StepAccounting:
         record["train/rm/lr"] = current_lr(self.schedule, step - 1)
         record["train/grad_norm"] = float(np.mean(self._grad_norms)) if self._grad_norms else None
         record["train/skipped_steps"] = self.skipped_total
-        now = time.perf_counter()
-        record["train/tokens_per_second"] = self._tokens / (now - self._since)
-        record["train/seconds_per_step"] = (now - self._since) / self._steps
+        now = self._clock()
+        seconds = now - self._since - self._paused
+        record["train/tokens_per_second"] = self._tokens / seconds
+        record["train/seconds_per_step"] = seconds / self._steps
         self._window, self._grad_norms = {}, []
-        self._tokens, self._steps, self._since = 0, 0, now
+        self._tokens, self._steps, self._paused, self._since = 0, 0, 0.0, now
         return record
 
     def _sums(self) -> dict[str, float]:
@@ -382,6 +413,35 @@ def acquire_run_lock(output_dir: Path, is_main: bool) -> RunLock:
     return lock
 
 
+@contextlib.contextmanager
+def claim_output_dir(output_dir: Path, is_main: bool) -> Iterator[None]:
+    """Creates `output_dir` (checked writable) and holds its run lock while the run lasts. A run
+    that fails (a refusal, a stop before anything was saved) leaves the directory as it found
+    it: the lock file it created is removed, and so are the directories it created, if empty."""
+    absolute = output_dir.absolute()
+    created = [p for p in (absolute, *absolute.parents) if not p.exists()]  # deepest first
+    lock, done = None, False
+    try:
+        check_writable(output_dir)
+        lock = acquire_run_lock(output_dir, is_main)
+        yield
+        done = True
+    finally:
+        if lock is not None:
+            lock.release(remove=not done and lock.created)
+        if not done and is_main:
+            remove_empty_directories(created)
+
+
+def remove_empty_directories(paths: Sequence[Path]) -> None:
+    """Removes `paths` in order while they are empty directories."""
+    for path in paths:
+        try:
+            path.rmdir()
+        except OSError:
+            return
+
+
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     started = time.time()
@@ -401,13 +461,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         jax.devices()[0].device_kind,
         jax.process_count(),
     )
-    check_writable(Path(cfg.output_dir))
-    lock = acquire_run_lock(Path(cfg.output_dir), is_main)
-    try:
-        with StopRequest() as stop:
-            return train(cfg, mesh, batch, stop, started)
-    finally:
-        lock.release()
+    with claim_output_dir(Path(cfg.output_dir), is_main), StopRequest() as stop:
+        return train(cfg, mesh, batch, stop, started)
 
 
 def train(
@@ -423,6 +478,11 @@ def train(
     layout = layout_fields(micro_pairs, step_pairs)
     cfg = with_backend_defaults(cfg)  # dtype and attention "auto" resolved: stored and compared
     run = prepare_output_dir(cfg, layout, is_main)
+    if run.resume_step is not None:
+        stop.kept(
+            f"the checkpoints up to step {run.resume_step} in {output_dir / 'checkpoints'} are "
+            "kept; rerun the same command to resume"
+        )
 
     # ---- tokenizer and data
     tokenizer = load_tokenizer(cfg.tokenizer_name or str(run.model_dir))
@@ -614,12 +674,15 @@ class Loop:
             self.train_iter.set_state(data_state)
         self.state, self.step, self.saved_step = (params, opt_state), step, step
         self.accounting.skipped_total = int(meta.get("skipped_steps", 0))
+        if "final_eval" in meta:  # the last step's eval is done (a rerun after its export)
+            self.last_eval, self.last_eval_step = meta["final_eval"], step
         log.info("resumed from step %d of %d", step, self.total_steps)
 
     def train(self) -> None:
         """Steps until `total_steps`; raises RunStopped on a stop vote (after a checkpoint) or
         when the run diverges. A step's outputs are read while the next one runs; the state is
-        waited for only when an eval, a checkpoint or the end needs it."""
+        waited for only when a logging window, an eval, a checkpoint or the end needs it. The
+        last step's eval is left to `finish`, after its checkpoint."""
         cfg, accounting = self.cfg, self.accounting
         progress = tqdm(
             total=self.total_steps,
@@ -642,11 +705,12 @@ class Loop:
                 if pending is not None:
                     self.write(pending[0], accounting.consume(*pending), progress)
                 pending = (self.step, outputs, int(host["tokens"]))
+                last = self.step == self.total_steps
                 eval_due = self.eval_batches is not None and due(self.step, cfg.eval_steps)
-                save_due = due(self.step, cfg.checkpointing_steps) and self.step < self.total_steps
-                if accounting.diverged() or not (
-                    eval_due or save_due or accounting.stop_voted or self.step == self.total_steps
-                ):
+                eval_due = eval_due and not last
+                save_due = due(self.step, cfg.checkpointing_steps) and not last
+                read_now = eval_due or save_due or accounting.stop_voted
+                if accounting.diverged() or not (read_now or accounting.window_ends(self.step)):
                     continue
                 record = accounting.consume(*pending)
                 pending = None
@@ -654,9 +718,10 @@ class Loop:
                     self.write(self.step, record, progress)
                     break
                 if eval_due:
-                    record.update(self.eval_record())
+                    with accounting.paused():
+                        record.update(self.eval_record())
                 self.write(self.step, record, progress)
-                if accounting.stop_voted and self.step < self.total_steps:
+                if accounting.stop_voted and not last:
                     self.save(wait=True)
                     raise RunStopped(
                         f"interrupted at step {self.step} of {self.total_steps}; checkpoint "
@@ -665,7 +730,8 @@ class Loop:
                         EXIT_INTERRUPTED,
                     )
                 if save_due:
-                    self.save()
+                    with accounting.paused():
+                        self.save()
         finally:
             self.stop.graceful = False
             progress.close()
@@ -682,15 +748,23 @@ class Loop:
             )
 
     def finish(self) -> Path | None:
-        """Final eval (unless the last step had one), the final checkpoint, the HF export."""
-        if self.eval_batches is not None:
-            if self.last_eval_step != self.step:
-                self.log_record({**self.progress_fields(self.step), **self.eval_record()})
-            self.meta["reward_stats"] = self.last_eval["reward_stats"]
-        if self.step not in (self.saved_step, self.pending_step):
-            self.save()
-        self.settle_saves()
-        self.stop.note = f"the checkpoint of step {self.step} is saved; rerun to finish the export"
+        """The last step's checkpoint first, then the final eval and benchmarks (unless that
+        checkpoint already records them) and the HF export. A signal from the last step on
+        stops with `EXIT_INTERRUPTED` once that checkpoint is on disk; a rerun resumes at the
+        last step and does only what is left."""
+        with self.stop.deferred():
+            if self.step not in (self.saved_step, self.pending_step):
+                self.save()
+            self.settle_saves()
+        final_eval = self.eval_batches is not None and self.last_eval_step != self.step
+        self.left_to_do(["the final eval"] * final_eval + ["the HF export"] * self.cfg.export_hf)
+        if self.accounting.stop_voted and not self.stop.requested:  # another process's signal
+            raise RunStopped(f"another process was stopped; {self.stop.note}", EXIT_INTERRUPTED)
+        self.stop.stop_if_requested()
+        if final_eval:
+            self.log_record({**self.progress_fields(self.step), **self.eval_record()})
+            self.record_final_eval()
+            self.left_to_do(["the HF export"] * self.cfg.export_hf)
         if not self.cfg.export_hf:
             return None
         from jaxrm.export import export_checkpoint
@@ -703,7 +777,27 @@ class Loop:
             dtype=self.cfg.export_dtype,
             overwrite=True,
         )
+        self.left_to_do([])
         return exported
+
+    def left_to_do(self, phases: list[str]) -> None:
+        """What a stop from now on says: the last step's checkpoint is kept, `phases` are not
+        done (a rerun does them)."""
+        left = " and ".join(phases) or "metrics.png (the rest is done)"
+        self.stop.kept(
+            f"stopped after the last step ({self.step} of {self.total_steps}), whose checkpoint "
+            f"is saved in {self.checkpointer.directory}; rerun the same command to finish {left}"
+        )
+
+    def record_final_eval(self) -> None:
+        """Adds the final eval to the last step's checkpoint: its reward stats for the export,
+        and the metrics, so that a rerun after a stop in the export does not evaluate again."""
+        final = {"reward_stats": self.last_eval["reward_stats"], "final_eval": self.last_eval}
+        try:
+            self.checkpointer.update_meta(self.step, final)
+        except OSError as e:
+            meta = self.checkpointer.directory / str(self.step) / "meta"
+            raise self._write_error(f"the final eval into {meta}", e) from None
 
     def eval_record(self) -> dict[str, Any]:
         """eval/ fields: the eval set's metrics and the benchmarks' scores (if any)."""

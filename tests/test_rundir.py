@@ -66,6 +66,24 @@ def test_lock_is_exclusive_within_a_process_and_released(tmp_path):
     RunLock(tmp_path).acquire().release()
 
 
+def test_a_removed_lock_file_is_never_held_by_two_runs(tmp_path, monkeypatch):
+    first = RunLock(tmp_path).acquire()
+    assert first.created
+    opened_before = open(first.path, "a+")  # a second run opened the file, then waited
+    first.release(remove=True)
+    assert not first.path.exists()
+    third = RunLock(tmp_path).acquire()  # a third run creates a new lock file and holds it
+    assert third.created
+    second = RunLock(tmp_path)
+    real = second._lock_file
+    handles = iter([opened_before])
+    monkeypatch.setattr(second, "_lock_file", lambda: next(handles, None) or real())
+    with pytest.raises(UserError, match="in use"):  # it locked the removed file: tries again
+        second.acquire()
+    third.release()
+    assert not RunLock(tmp_path).acquire().created
+
+
 def test_stale_lock_file_of_a_dead_process_is_taken_over(tmp_path):
     stale = {"host": socket.gethostname(), "pid": dead_pid(), "started": time.time() - 3600}
     (tmp_path / LOCK_FILE).write_text(json.dumps(stale))

@@ -106,7 +106,8 @@ def test_offline_default_reaches_the_accuracy_bar(tmp_path):
     assert train_steps == list(range(10, 1001, 10))
     evals = [r for r in records if "eval/rm/accuracy" in r]
     assert [r["step"] for r in evals] == list(range(125, 1001, 125))
-    last = records[-1]
+    assert records[-1] is evals[-1]  # the last eval follows the last checkpoint, in its own record
+    last = records[-2]
     for key in ("accuracy", "loss", "chosen_rewards", "rejected_rewards", "reward_margin", "lr"):
         assert f"train/rm/{key}" in last
     assert last["episode"] == 1000 * 32 and last["epoch"] == pytest.approx(8.0)

@@ -29,6 +29,7 @@ from jaxrm.checkpoint import read_meta, restore_params
 from jaxrm.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 from jaxrm.export import abstract_params
 from jaxrm.hf import llama_config_from_hf
+from jaxrm.rundir import LOCK_FILE
 from jaxrm.sharding import make_mesh
 from jaxrm.tracking import keep_metrics_until, read_metrics
 from tests.test_score import assert_one_line_error
@@ -86,7 +87,7 @@ def snapshot(output: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(output)): p.read_bytes()
         for p in sorted(output.rglob("*"))
-        if p.is_file() and p.name != ".jaxrm.lock"
+        if p.is_file() and p.name != LOCK_FILE
     }
 
 
@@ -135,11 +136,13 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
 
 def test_rerun_with_resume_false_is_refused_then_overwrite_starts_over(straight, tmp_path):
     output = copy_run(straight, tmp_path)
+    (output / LOCK_FILE).unlink()
     before = snapshot(output)
     refused = train(output, "--config.resume=false", "--config.learning_rate=3e-4")
     assert_one_line_error(refused, str(output), "resume=false", "overwrite_output_dir=true")
     assert refused.returncode == EXIT_USER_ERROR
     assert snapshot(output) == before  # the old run's checkpoints, export and metrics are intact
+    assert not (output / LOCK_FILE).exists()  # nor a lock file left behind
 
     again = train(
         output,
@@ -230,6 +233,75 @@ def test_sigint_is_graceful(tmp_path):
         "interrupted at step",
     )
     assert "KeyboardInterrupt" not in stderr
+
+
+SIGNAL_IN = """
+import os, signal, sys
+import jaxrm.export
+from jaxrm import train
+from jaxrm.errors import run_cli
+
+owner, name = {"eval": (train.Loop, "evaluate"), "export": (jaxrm.export, "export_checkpoint")}[
+    sys.argv.pop(1)
+]
+real = getattr(owner, name)
+
+def signalled(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)  # the handler runs at once, inside this phase
+    return real(*args, **kwargs)
+
+setattr(owner, name, signalled)
+run_cli(lambda: train.main(sys.argv[1:]))
+"""
+
+
+def train_signalled_in(phase: str, output: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """A run that gets SIGTERM as its final eval (`eval`) or its HF export (`export`) starts."""
+    argv = command(output, *overrides)[3:]  # the flags after `python -m jaxrm.train`
+    return subprocess.run(
+        [sys.executable, "-c", SIGNAL_IN, phase, *argv],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ENV,
+    )
+
+
+def test_sigterm_after_the_last_step_keeps_its_checkpoint_then_rerun_finishes(straight, tmp_path):
+    output = tmp_path / "run"
+    with_eval = f"--config.dataset_mixer_eval_list=['{TINY_EVAL_FILE}',1.0]"
+    in_eval = train_signalled_in("eval", output, with_eval)
+    assert_stopped(
+        in_eval,
+        EXIT_INTERRUPTED,
+        f"SIGTERM received; stopped after the last step ({STEPS} of {STEPS}), whose checkpoint is "
+        f"saved in {output / 'checkpoints'}; rerun the same command to finish the final eval and "
+        "the HF export",
+    )
+    assert read_meta(output)[0] == STEPS  # the last step's checkpoint is complete
+    assert "final_eval" not in read_meta(output)[1]
+    assert [r["step"] for r in metrics(output)] == list(range(1, STEPS + 1))  # no eval record
+    assert not (output / "hf").exists()
+
+    in_export = train_signalled_in("export", output, with_eval)
+    assert_stopped(in_export, EXIT_INTERRUPTED, f"last step ({STEPS} of", "to finish the HF export")
+    assert f"resumed from step {STEPS}" in in_export.stderr
+    records = metrics(output)
+    assert [r["step"] for r in records] == [*range(1, STEPS + 1), STEPS]  # trained once
+    assert records[-1]["eval/rm/accuracy"] > 0.4
+    stats = read_meta(output)[1]["reward_stats"]
+    assert stats["count"] == 800  # the final eval (400 pairs) is recorded with the checkpoint
+
+    done = train(output, with_eval)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from step {STEPS}" in done.stderr
+    assert metrics(output) == records  # neither trained nor evaluated again
+    config = json.loads((output / "hf" / "config.json").read_text())
+    assert (config["mean"], config["std"]) == (stats["mean"], stats["std"])
+    got, want = exported_weights(output), exported_weights(straight)
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
 SIGNAL_TWICE = """
@@ -335,9 +407,14 @@ def test_pad_token_equal_to_eos_is_refused(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
     tokenizer.pad_token = tokenizer.eos_token
     tokenizer.save_pretrained(tmp_path / "tok")
-    result = train(tmp_path / "run", f"--config.tokenizer_name={tmp_path / 'tok'}")
+    result = train(tmp_path / "new" / "run", f"--config.tokenizer_name={tmp_path / 'tok'}")
     assert_one_line_error(result, "pad token", "is the eos token", "add_special_tokens")
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "new").exists()  # the refused run removed what it created
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    result = train(tmp_path / "mine", f"--config.tokenizer_name={tmp_path / 'tok'}")
+    assert_one_line_error(result, "pad token", "is the eos token")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]  # no lock file left
 
 
 @pytest.mark.parametrize(
