@@ -356,7 +356,7 @@ class StepAccounting:
             self.skipped_total += 1
             self.consecutive.append(step)
             log.warning(
-                "step %d skipped: non-finite loss, gradient norm or update (%d in a row)",
+                "step %d skipped: non-finite loss or gradient norm (%d in a row)",
                 step,
                 len(self.consecutive),
             )
@@ -741,7 +741,7 @@ class Loop:
             kept = f"step {self.saved_step}" if self.saved_step is not None else "none written"
             raise RunStopped(
                 f"training diverged: {len(steps)} consecutive steps ({steps[0]}-{steps[-1]}) "
-                "had a non-finite loss, gradient norm or update, so none was applied; kept the "
+                "had a non-finite loss or gradient norm, so none was applied; kept the "
                 f"last good checkpoint ({kept}); lower the learning_rate "
                 f"({cfg.learning_rate:g}) or check the data",
                 EXIT_DIVERGED,
