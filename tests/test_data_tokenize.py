@@ -110,7 +110,7 @@ def test_filter_counts_exact(tok, tmp_path):
         return {
             "prompt_input_ids": [5] * prompt,
             "chosen_input_ids": [5] * chosen,
-            "rejected_input_ids": [5] * rejected,
+            "rejected_input_ids": [6] * rejected,
         }
 
     rows = (
