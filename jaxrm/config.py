@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import importlib.util
 import json
 import math
@@ -79,6 +80,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.pack_length = 0  # tokens per packed row; 0: room for two max_token_length sequences
     c.pack_rows_per_device = 0  # rows per device per micro-batch; 0: 1 (more for short rows)
     c.prefix_sharing = True  # chosen and rejected share their common prefix in one group
+    # a pair too long for one packed row: refused before training (False) or dropped and counted
+    c.drop_pairs_longer_than_pack_length = False
     # mesh: data x fsdp x tensor; -1 = the rest of the devices
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     # multi-host: auto initializes jax.distributed on SLURM / TPU pods / with a coordinator
@@ -222,6 +225,7 @@ TRAINING_KEYS = (
     "seed",
     "dtype",
     "param_dtype",
+    "drop_pairs_longer_than_pack_length",
 )
 
 
@@ -246,9 +250,25 @@ def validate_values(config: ml_collections.ConfigDict) -> None:
         raise UserError("config key 'dataset_mixer_list' is empty: name at least one dataset")
 
 
+def check_context_length(
+    config: ml_collections.ConfigDict, hf_config: dict[str, Any], where: str
+) -> None:
+    """Refuses a `max_token_length` beyond the model's `max_position_embeddings` (positions it
+    was never trained on); `where` names the model's config.json."""
+    limit = hf_config.get("max_position_embeddings")
+    if limit and config.max_token_length > limit:
+        raise UserError(
+            f"config key 'max_token_length' is {config.max_token_length}, more than the model's "
+            f"max_position_embeddings={limit} ({where}); lower max_token_length to at most {limit}"
+        )
+
+
 def config_drift(stored: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(key, stored value, current value) for every `TRAINING_KEYS` key (and any derived key
-    present in both) whose value changed."""
+    present in both) whose value changed. A training key that a checkpoint predates counts as
+    its default, so adding a key does not refuse every older run's resume."""
+    defaults = to_dict(base_config())
+    stored = {**{k: defaults[k] for k in TRAINING_KEYS if k not in stored}, **stored}
     keys = [*TRAINING_KEYS, *(k for k in current if k.startswith("derived."))]
     return [
         (key, stored.get(key), current.get(key))
@@ -289,9 +309,16 @@ def validate_keys(
 ) -> None:
     for key, value in config.items():
         if key not in reference:
-            raise UserError(f"{where}: unknown config key {key!r}")
+            raise UserError(f"{where}: unknown config key {key!r}{did_you_mean(key, reference)}")
         if isinstance(value, ml_collections.ConfigDict):
             validate_keys(value, reference[key], f"{where}: {key}")
+
+
+def did_you_mean(key: str, node: ml_collections.ConfigDict, parents: Sequence[str] = ()) -> str:
+    """`; did you mean 'a.b'?` naming the closest key of `node` (under `parents`), or nothing
+    when none is close."""
+    close = difflib.get_close_matches(key, list(node.keys()), n=1)
+    return f"; did you mean {'.'.join([*parents, close[0]])!r}?" if close else ""
 
 
 def parse_value(text: str) -> Any:
@@ -310,10 +337,12 @@ def apply_override(config: ml_collections.ConfigDict, dotted: str, text: str) ->
     node = config
     for i, part in enumerate(parents):
         if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-            raise UserError(f"unknown config key {'.'.join(parents[: i + 1])!r}")
+            unknown = ".".join(parents[: i + 1])
+            hint = did_you_mean(part, node, parents[:i])
+            raise UserError(f"unknown config key {unknown!r}{hint}")
         node = node[part]
     if leaf not in node:
-        raise UserError(f"unknown config key {dotted!r}")
+        raise UserError(f"unknown config key {dotted!r}{did_you_mean(leaf, node, parents)}")
     current = node[leaf]
     value = parse_value(text)
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):

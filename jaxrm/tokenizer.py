@@ -6,11 +6,29 @@ re-encode template text with special tokens added (that is how a double BOS happ
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from jaxrm.errors import UserError, first_line
 
 Messages = list[dict[str, str]]
+
+# What transformers logs at import without torch (5.x; 4.x's wording second): true of every jaxrm
+# run, and of no use to a user of a JAX trainer.
+TORCH_NOTICES = ("PyTorch was not found. Models won't be available", "None of PyTorch, TensorFlow")
+
+
+class _DropTorchNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(TORCH_NOTICES)
+
+
+def silence_torch_notice() -> None:
+    """Drops exactly transformers' "PyTorch was not found" line (its other warnings stay). Must
+    run before transformers is imported: `import jaxrm` does it."""
+    logger = logging.getLogger("transformers")
+    if not any(isinstance(f, _DropTorchNotice) for f in logger.filters):
+        logger.addFilter(_DropTorchNotice())
 
 
 def load_tokenizer(name_or_path: str, revision: str | None = None):

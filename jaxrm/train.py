@@ -34,7 +34,7 @@ from tqdm import tqdm
 from jaxrm import data
 from jaxrm.backends import with_backend_defaults
 from jaxrm.checkpoint import Checkpointer, abstract_like, read_meta, sync_processes
-from jaxrm.config import config_drift, get_config, to_dict
+from jaxrm.config import check_context_length, config_drift, get_config, to_dict
 from jaxrm.data import packing
 from jaxrm.dtypes import BY_NAME
 from jaxrm.errors import (
@@ -258,6 +258,14 @@ def eval_fields(metrics: dict[str, Any]) -> dict[str, float]:
     return {f"eval/{k}": v for k, v in metrics.items() if k != "reward_stats"}
 
 
+def pack_fit(cfg: ml_collections.ConfigDict) -> data.PackFit | None:
+    """The packed row every train and eval pair must fit (None: padded batches)."""
+    if cfg.batch_layout != "packed":
+        return None
+    length, _ = packing.row_shape(cfg.max_token_length, cfg.pack_length)
+    return data.PackFit(length, cfg.prefix_sharing, cfg.drop_pairs_longer_than_pack_length)
+
+
 def pack_spec(
     cfg: ml_collections.ConfigDict, pairs: data.Pairs, step_pairs: int, dp: int
 ) -> packing.PackSpec | None:
@@ -453,7 +461,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     setup_logging(is_main)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     batch = batch_sizes(cfg, data_parallel_size(mesh))
-    check_model_sharding(model_architecture(cfg.model_name_or_path, cfg.model_revision)[0], mesh)
+    architecture, architecture_file = model_architecture(cfg.model_name_or_path, cfg.model_revision)
+    check_model_sharding(architecture, mesh)
+    check_context_length(cfg, architecture, architecture_file)
     log.info(
         "mesh %s over %d devices (%s, %d processes)",
         dict(mesh.shape),
@@ -498,6 +508,8 @@ def train(
         seed=cfg.seed,
         cache_dir=cfg.dataset_cache_dir or None,
         num_proc=cfg.dataset_num_proc or None,
+        vocab_size=max(run.hf_config.get("vocab_size", 0), len(tokenizer)),
+        pack=pack_fit(cfg),
     )
     benchmarks = BenchmarkHook.from_config(cfg, tokenizer, data_parallel_size(mesh))
     per_epoch = data.steps_per_epoch(len(train_pairs), micro_pairs, cfg.gradient_accumulation_steps)

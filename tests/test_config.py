@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from jaxrm.config import CHECKS, TRAINING_KEYS, base_config, config_drift, get_config, to_dict
+from jaxrm.config import (
+    CHECKS,
+    TRAINING_KEYS,
+    base_config,
+    check_context_length,
+    config_drift,
+    get_config,
+    to_dict,
+)
 from jaxrm.errors import UserError
 
 TINY = ["--config", "configs/tiny.py"]
@@ -71,3 +79,58 @@ def test_drift_names_every_changed_training_key():
         ("derived.pairs_per_step", 32, 16),
     ]
     assert config_drift(stored, stored) == []
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("learning_rte=1e-5", "unknown config key 'learning_rte'; did you mean 'learning_rate'?"),
+        ("mesh.fsdq=2", "unknown config key 'mesh.fsdq'; did you mean 'mesh.fsdp'?"),
+        ("mesj.fsdp=2", "unknown config key 'mesj'; did you mean 'mesh'?"),
+        ("distributed.proces_id=1", "did you mean 'distributed.process_id'?"),
+    ],
+)
+def test_an_unknown_key_names_the_closest_one(override, message):
+    with pytest.raises(UserError) as error:
+        get_config([*TINY, f"--config.{override}"])
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_an_unknown_key_in_a_file_names_the_closest_one(tmp_path):
+    file = tmp_path / "typo.py"
+    file.write_text(
+        "from jaxrm.config import base_config\n"
+        "def get_config():\n"
+        "    c = base_config()\n"
+        "    c.warmup_ration = 0.1\n"
+        "    c.zqxjkv = 1\n"
+        "    return c\n"
+    )
+    with pytest.raises(UserError, match="'warmup_ration'; did you mean 'warmup_ratio'\\?"):
+        get_config(["--config", str(file)])
+    file.write_text(file.read_text().replace("    c.warmup_ration = 0.1\n", ""))
+    with pytest.raises(UserError) as error:
+        get_config(["--config", str(file)])
+    assert str(error.value).endswith("unknown config key 'zqxjkv'")  # nothing close
+
+
+def test_drift_of_the_drop_key_and_checkpoints_that_predate_it():
+    stored = to_dict(get_config(TINY))
+    assert "drop_pairs_longer_than_pack_length" in TRAINING_KEYS
+    dropping = to_dict(get_config([*TINY, "--config.drop_pairs_longer_than_pack_length=true"]))
+    assert config_drift(stored, dropping) == [("drop_pairs_longer_than_pack_length", False, True)]
+    del stored["drop_pairs_longer_than_pack_length"]  # a checkpoint written before the key
+    assert config_drift(stored, to_dict(get_config(TINY))) == []
+    assert config_drift(stored, dropping) == [("drop_pairs_longer_than_pack_length", False, True)]
+
+
+def test_a_context_beyond_the_models_positions_is_refused():
+    config = get_config([*TINY, "--config.max_token_length=256"])
+    check_context_length(config, {"max_position_embeddings": 256}, "m/config.json")
+    check_context_length(config, {}, "m/config.json")  # no limit stated
+    with pytest.raises(UserError) as error:
+        check_context_length(config, {"max_position_embeddings": 128}, "m/config.json")
+    assert str(error.value) == (
+        "config key 'max_token_length' is 256, more than the model's max_position_embeddings=128 "
+        "(m/config.json); lower max_token_length to at most 128"
+    )

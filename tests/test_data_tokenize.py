@@ -110,7 +110,7 @@ def test_filter_counts_exact(tok, tmp_path):
         return {
             "prompt_input_ids": [5] * prompt,
             "chosen_input_ids": [5] * chosen,
-            "rejected_input_ids": [5] * rejected,
+            "rejected_input_ids": [6] * rejected,
         }
 
     rows = (
@@ -154,6 +154,21 @@ def test_cache_hit_and_miss(tok, tmp_path):
     assert not build(templated, tmp_path, [path, "0.5"])[2]["train"]["sources"][0]["cache_hit"]
     os.utime(path, ns=(1, 1))
     assert not build(tok, tmp_path, [path, "0.5"])[2]["train"]["sources"][0]["cache_hit"]
+
+
+def test_a_whole_cached_source_is_read_in_place(tok, tmp_path):
+    """Amount 1.0 of one source, nothing filtered: the cached arrays stay memory-mapped (no copy
+    of every token on each run); an upsampled source is gathered."""
+    path = write_jsonl(tmp_path / "c.jsonl", [conversational_row(), conversational_row(1.0)] * 2)
+    fresh, _, _ = build(tok, tmp_path, [path, "1.0"])
+    cached, _, stats = build(tok, tmp_path, [path, "1.0"])
+    assert stats["train"]["sources"][0]["cache_hit"]
+    assert isinstance(cached.chosen.values, np.memmap)
+    assert isinstance(cached.rejected.values, np.memmap)
+    np.testing.assert_array_equal(cached.chosen.values, fresh.chosen.values)
+    upsampled, _, _ = build(tok, tmp_path, [path, "2.0"])
+    assert len(upsampled) == 8 and not isinstance(upsampled.chosen.values, np.memmap)
+    np.testing.assert_array_equal(upsampled.chosen[5], fresh.chosen[1])
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ _EXPORTS = {
     "to_global": "batch",
     "train_dataset": "loader",
     "train_iterator": "loader",
+    "PackFit": "checks",
     "Pairs": "pairs",
     "Ragged": "pairs",
 }

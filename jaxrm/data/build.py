@@ -12,7 +12,12 @@ stored twice). The length filter runs after the cache (it is cheap), so changing
 Filtering never truncates. Reasons are checked in order and each dropped pair counts once:
 `prompt_too_long` (prompt with generation prompt > max_prompt_token_length; not checked for
 pre-tokenized rows without `prompt_input_ids`), `chosen_too_long`, `rejected_too_long`
-(> max_token_length).
+(> max_token_length), then, for packed batches (`pack`), `longer_than_pack_length` when the user
+asked to drop such pairs (otherwise they are refused: `jaxrm.data.checks`).
+
+Checked before any training (`jaxrm.data.checks`): with `vocab_size`, every token id of every
+source is below it (an error names the file, row and id); pairs whose chosen and rejected are the
+same tokens are counted in a warning (`identical` in the stats), and refused if that is all pairs.
 """
 
 from __future__ import annotations
@@ -22,13 +27,14 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jaxrm.data.formats import detect_format
+from jaxrm.data.checks import PackFit, check_identical, first_out_of_vocab, fit_pack_length
+from jaxrm.data.formats import PRETOKENIZED, detect_format
 from jaxrm.data.pairs import Pairs
 from jaxrm.data.sources import (
     SourceSpec,
@@ -62,14 +68,27 @@ def build_datasets(
     seed: int,
     cache_dir: str | Path | None = None,
     num_proc: int | None = None,
+    vocab_size: int | None = None,
+    pack: PackFit | None = None,
 ) -> tuple[Pairs, Pairs | None, dict[str, Any]]:
     """Train pairs, eval pairs (None without an eval mixer) and stats
     `{"train": {...}, "eval": {...} | None}` (per source: name, split, amount, format, rows
-    loaded, rows mixed, prompts that differ, cache hit; then rows, filtered counts, pairs)."""
+    loaded, rows mixed, prompts that differ, cache hit; then rows, filtered counts, identical
+    pairs, pairs). `vocab_size`: the model's embedding rows (token ids must be below it);
+    `pack`: the packed row every pair must fit (None: padded batches)."""
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     tok_fp = tokenizer_fingerprint(tokenizer)
     limits = (max_token_length, max_prompt_token_length)
     common = dict(tokenizer=tokenizer, tok_fp=tok_fp, seed=seed, cache=cache, num_proc=num_proc)
+    common.update(vocab_size=vocab_size, pack=pack)
+    if pack is not None and pack.length < max_token_length:
+        log.warning(
+            "pack_length=%d is less than max_token_length=%d: a pair longer than one packed row "
+            "is %s",
+            pack.length,
+            max_token_length,
+            "dropped" if pack.drop else "refused before training",
+        )
     train_specs = parse_mixer(dataset_mixer_list, dataset_mixer_list_splits, "dataset_mixer_list")
     if not train_specs:
         raise UserError("dataset_mixer_list is empty: name at least one training dataset")
@@ -101,7 +120,11 @@ def filter_pairs(
 
 
 def _build(
-    what: str, specs: list[SourceSpec], limits: tuple[int, int], **common: Any
+    what: str,
+    specs: list[SourceSpec],
+    limits: tuple[int, int],
+    pack: PackFit | None = None,
+    **common: Any,
 ) -> tuple[Pairs, dict[str, Any]]:
     parts, sources = [], []
     for spec in specs:
@@ -129,18 +152,37 @@ def _build(
     mixed = Pairs.concat(parts, pad_token_id(common["tokenizer"]))
     max_len, max_prompt = limits
     kept, filtered = filter_pairs(mixed, max_len, max_prompt)
+    limits_named = f"max_token_length={max_len} or max_prompt_token_length={max_prompt}"
+    if pack is not None and len(kept):
+        kept, dropped = fit_pack_length(kept, pack, what)
+        if pack.drop:
+            filtered["longer_than_pack_length"] = dropped
+            limits_named = f"{limits_named} or pack_length={pack.length}"
     log.info("%s: %d pairs, dropped %s, kept %d", what, len(mixed), filtered, len(kept))
     if not len(kept):
         raise UserError(
-            f"no {what} pairs left: all {len(mixed)} exceed max_token_length={max_len} or "
-            f"max_prompt_token_length={max_prompt} ({filtered})"
+            f"no {what} pairs left: all {len(mixed)} exceed {limits_named} ({filtered})"
         )
-    stats = {"sources": sources, "rows": len(mixed), "filtered": filtered, "pairs": len(kept)}
+    identical = check_identical(kept, what)
+    stats = {
+        "sources": sources,
+        "rows": len(mixed),
+        "filtered": filtered,
+        "identical": identical,
+        "pairs": len(kept),
+    }
     return kept, stats
 
 
 def _source_pairs(
-    spec: SourceSpec, *, tokenizer: Any, tok_fp: str, seed: int, cache: Path, num_proc: int | None
+    spec: SourceSpec,
+    *,
+    tokenizer: Any,
+    tok_fp: str,
+    seed: int,
+    cache: Path,
+    num_proc: int | None,
+    vocab_size: int | None,
 ) -> tuple[Pairs, dict[str, Any]]:
     """One mixer entry, from the cache or tokenized now (and then cached)."""
     dataset = None if is_local(spec.name) else load_source(spec)
@@ -153,13 +195,21 @@ def _source_pairs(
     }
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:32]
     entry = cache / key
+    where = f"{spec.name} entry of the dataset mixer"
     if (entry / "meta.json").exists():
         unique, meta = Pairs.load(entry)
+        if vocab_size is not None:
+            check_vocab(
+                unique,
+                vocab_size,
+                spec.name,
+                meta["format"],
+                lambda: np.unique(mix_indices(meta["rows_loaded"], spec.amount, seed, where)),
+            )
         index = np.load(entry / "index.npy")
         return unique.take(index), {**meta, "cache_hit": True}
     if dataset is None:
         dataset = load_source(spec)
-    where = f"{spec.name} entry of the dataset mixer"
     if not len(dataset):
         raise UserError(f"{spec.name}: the dataset has no rows")
     fmt = detect_format(spec.name, dataset.column_names, dataset[0])
@@ -173,6 +223,8 @@ def _source_pairs(
         tokenizer=tokenizer,
         num_proc=num_proc,
     )
+    if vocab_size is not None:
+        check_vocab(unique, vocab_size, spec.name, fmt, lambda: distinct)
     meta = {
         "name": spec.name,
         "split": spec.split,
@@ -184,6 +236,24 @@ def _source_pairs(
     }
     _save(entry, unique, index, meta)
     return unique.take(index), {**meta, "cache_hit": False}
+
+
+def check_vocab(
+    pairs: Pairs, vocab_size: int, name: str, fmt: str, rows: Callable[[], np.ndarray]
+) -> None:
+    """Refuses a token id >= `vocab_size` (data tokenized for another model would make every
+    step non-finite), naming the file, the row (`rows()[pair]`: the dataset row of each pair)
+    and the id."""
+    found = first_out_of_vocab(pairs, vocab_size)
+    if found is None:
+        return
+    pair, side, token = found
+    column = f"{side}_input_ids" if fmt == PRETOKENIZED else side
+    raise UserError(
+        f"{name} row {int(rows()[pair])}: {column!r} holds token id {token}, but the model's "
+        f"vocabulary has {vocab_size} tokens (ids 0-{vocab_size - 1}); was the data tokenized "
+        "for another model?"
+    )
 
 
 def _save(entry: Path, unique: Pairs, index: np.ndarray, meta: dict[str, Any]) -> None:

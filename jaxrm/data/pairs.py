@@ -15,6 +15,11 @@ from pathlib import Path
 import numpy as np
 
 
+def is_identity(idx: np.ndarray, n: int) -> bool:
+    """Whether `idx` is 0, 1, ..., n - 1."""
+    return len(idx) == n and bool((idx == np.arange(n)).all())
+
+
 @dataclasses.dataclass(frozen=True)
 class Ragged:
     """Variable-length int32 rows: row i is `values[offsets[i]:offsets[i + 1]]`."""
@@ -32,8 +37,11 @@ class Ragged:
         return np.diff(self.offsets).astype(np.int32)
 
     def take(self, idx: np.ndarray) -> Ragged:
-        """Rows `idx` (repeats allowed), gathered with one vectorized index."""
+        """Rows `idx` (repeats allowed), gathered with one vectorized index; all rows in order
+        are this Ragged itself (no copy: a cached set stays memory-mapped)."""
         idx = np.asarray(idx, dtype=np.int64)
+        if is_identity(idx, len(self)):
+            return self
         lens = np.diff(self.offsets)[idx]
         offsets = np.zeros(len(idx) + 1, dtype=np.int64)
         np.cumsum(lens, out=offsets[1:])
@@ -49,6 +57,8 @@ class Ragged:
 
     @staticmethod
     def concat(parts: list[Ragged]) -> Ragged:
+        if len(parts) == 1:
+            return parts[0]
         offsets, start = [np.zeros(1, np.int64)], 0
         for p in parts:
             offsets.append(p.offsets[1:] + start)
@@ -75,6 +85,8 @@ class Pairs:
         return np.maximum(self.chosen.lengths(), self.rejected.lengths())
 
     def take(self, idx: np.ndarray) -> Pairs:
+        if is_identity(np.asarray(idx), len(self)):
+            return self
         return Pairs(
             self.chosen.take(idx),
             self.rejected.take(idx),
@@ -85,6 +97,8 @@ class Pairs:
 
     @staticmethod
     def concat(parts: list[Pairs], pad_token_id: int) -> Pairs:
+        if len(parts) == 1:
+            return dataclasses.replace(parts[0], pad_token_id=pad_token_id)
         return Pairs(
             Ragged.concat([p.chosen for p in parts]),
             Ragged.concat([p.rejected for p in parts]),

@@ -125,6 +125,8 @@ class _Tokenize:
         self.rendered_roles: set[str] = set()
 
     def __call__(self, table: pa.Table, rows: np.ndarray, progress: Any = None) -> Columns:
+        """Each block of `BATCH_ROWS` rows becomes numpy at once: Python lists of every token of
+        a big set would take several times the memory of its int32 arrays."""
         chosen, rejected, margin, prompt_lengths, differs = [], [], [], [], []
         for start in range(0, len(table), BATCH_ROWS):
             batch = table.slice(start, BATCH_ROWS).to_pylist()
@@ -133,22 +135,24 @@ class _Tokenize:
                 for i, row in enumerate(batch)
             ]
             if self.fmt == PRETOKENIZED:
-                chosen += [e.chosen for e in examples]
-                rejected += [e.rejected for e in examples]
+                chosen_ids = [e.chosen for e in examples]
+                rejected_ids = [e.rejected for e in examples]
                 prompt_lengths += [-1 if e.prompt is None else len(e.prompt) for e in examples]
             else:
                 for i, e in enumerate(examples):
                     self._check_roles(e, int(rows[start + i]))
-                chosen += self._render([e.chosen for e in examples])
-                rejected += self._render([e.rejected for e in examples])
+                chosen_ids = self._render([e.chosen for e in examples])
+                rejected_ids = self._render([e.rejected for e in examples])
                 prompt_lengths += self._prompt_lengths(examples)
+            chosen.append(Ragged.from_lists(chosen_ids))
+            rejected.append(Ragged.from_lists(rejected_ids))
             margin += [e.margin for e in examples]
             differs += [e.prompt_differs for e in examples]
             if progress is not None:
                 progress(len(batch))
         return (
-            Ragged.from_lists(chosen),
-            Ragged.from_lists(rejected),
+            Ragged.concat(chosen or [Ragged.from_lists([])]),
+            Ragged.concat(rejected or [Ragged.from_lists([])]),
             np.asarray(margin, dtype=np.float32),
             np.asarray(prompt_lengths, dtype=np.int32),
             np.asarray(differs, dtype=bool),
