@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -60,23 +59,6 @@ def output_paths(output: str) -> tuple[Path, Path]:
             f".png; give a JSON name such as {path.with_suffix('.json')}"
         )
     return path, path.with_suffix(".png")
-
-
-def check_output(path: Path, what: str = "--output") -> None:
-    """A one-line error, before any work, when `path` cannot be written: a directory, a file in
-    the way of its folder, or a folder that refuses a new file. Creates nothing."""
-    if path.is_dir():
-        raise UserError(f"{what} {path} is a directory; give --output a file name")
-    folder = path.parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise UserError(f"{what} {path}: {folder} is a file, not a folder")
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".jaxrm-write-probe-"):
-            pass
-    except OSError as e:
-        raise UserError(f"{what} {path}: cannot write in {folder} ({write_failure(e)})") from None
 
 
 def write_results(

@@ -53,7 +53,6 @@ import jax
 from flax import nnx
 
 from jaxrm.benchmark_report import (
-    check_output,
     fmt_score,
     format_table,
     output_paths,
@@ -75,6 +74,7 @@ from jaxrm.benchmarks import (
 from jaxrm.data.sources import SourceSpec, load_source, read_json_rows
 from jaxrm.dtypes import EXPORT_DTYPES
 from jaxrm.errors import UserError, exit_on_user_error
+from jaxrm.rundir import check_output_file
 from jaxrm.score import load_model, locate_model, score_token_ids
 from jaxrm.sharding import make_mesh
 from jaxrm.tokenizer import encode_conversation, load_tokenizer
@@ -375,8 +375,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ties_formula_named(args.ties_formula)
     outputs = output_paths(args.output) if args.output else None
     if outputs:
-        check_output(outputs[0])
-        check_output(outputs[1], "the chart beside --output")
+        check_output_file(outputs[0])
+        check_output_file(outputs[1], "the chart beside --output")
     source = locate_model(args.model, step=args.step, tokenizer=args.tokenizer)
     tokenizer = load_tokenizer(source.tokenizer)
     prepared = prepare_benchmark(

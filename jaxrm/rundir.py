@@ -21,11 +21,12 @@ import logging
 import os
 import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from jaxrm.errors import UserError, first_line
+from jaxrm.errors import UserError, first_line, write_failure
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,24 @@ def check_writable(output_dir: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise UserError(f"output_dir {output_dir} is not writable ({first_line(e)})") from None
+
+
+def check_output_file(path: Path, what: str = "--output") -> None:
+    """A one-line error, before any work, when the file `path` cannot be written: a directory, a
+    file in the way of its folder, or a folder (the nearest that exists: the rest is created at
+    the end) that refuses a new file. Creates nothing."""
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory; give a file name")
+    folder = path.absolute().parent
+    while not folder.exists() and not folder.is_symlink():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{what} {path}: {folder} is not a directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".jaxrm-write-probe-"):
+            pass
+    except OSError as e:
+        raise UserError(f"{what} {path}: cannot write in {folder} ({write_failure(e)})") from None
 
 
 def check_free_space(output_dir: Path, needed: int, what: str) -> None:

@@ -28,7 +28,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -58,6 +57,7 @@ from jaxrm.hf import (
 )
 from jaxrm.logs import setup_logging
 from jaxrm.models.llama import LlamaConfig
+from jaxrm.rundir import check_output_file
 from jaxrm.sharding import activation_sharding, data_parallel_size, gather_to_host, make_mesh
 from jaxrm.tokenizer import check_roles, encode_conversation, load_tokenizer
 
@@ -290,23 +290,6 @@ def _score_distinct(
     return rewards
 
 
-def check_output(output: Path) -> None:
-    """Refuses, before anything is read or scored, an `--output` that is a directory or whose
-    directory (the nearest one that exists: the rest is created at the end) cannot be written."""
-    if output.is_dir():
-        raise UserError(f"--output {output} is a directory; give a .jsonl, .json or .parquet file")
-    parent = output.absolute().parent
-    while not parent.exists() and not parent.is_symlink():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"--output {output}: {parent} is not a directory")
-    try:
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as e:
-        raise UserError(f"--output {output}: cannot write in {parent} ({e.strerror})") from None
-
-
 def check_context(
     token_ids: list[list[int]], conversations: list[tuple[int, str, list]], source, data: str
 ) -> None:
@@ -409,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
     output = Path(os.path.expanduser(args.output))
-    check_output(output)
+    check_output_file(output)
     rows = load_source(SourceSpec(args.data, "1.0", "train")).to_list()
     conversations = conversations_of(rows, args.data)
     source = locate_model(args.model, step=args.step, tokenizer=args.tokenizer)

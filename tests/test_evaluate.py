@@ -475,7 +475,7 @@ def test_unwritable_output_is_one_line_before_any_work(tmp_path, capsys, tmpfs, 
         expected = ("the chart beside --output", "r.png is a directory")
     elif case == "file_parent":
         (tmp_path / "file").write_text("")
-        output, expected = tmp_path / "file" / "sub" / "r.json", ("file is a file, not a folder",)
+        output, expected = tmp_path / "file" / "sub" / "r.json", ("file is not a directory",)
     else:
         output = tmpfs("1m", read_only=True) / "new" / "r.json"
         expected = ("cannot write in", "read-only file system")
