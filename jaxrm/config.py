@@ -25,12 +25,12 @@ from typing import Any
 
 import ml_collections
 
-from jaxrm.benchmarks import TIES_FORMULAS
 from jaxrm.data.packing import ROW_MULTIPLE
 from jaxrm.dtypes import COMPUTE_DTYPES, EXPORT_DTYPES
 from jaxrm.errors import UserError
 from jaxrm.models.llama import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 from jaxrm.optimizer import SCHEDULER_TYPES
+from jaxrm.rewardbench.rules import TIES_FORMULAS
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -95,7 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_benchmarks = []  # scored with each eval (jaxrm.evaluate): rewardbench, rewardbench2
     # per benchmark, a local file in its schema (offline); empty: the benchmark's hub dataset
     c.eval_benchmark_data = ml_collections.ConfigDict({"rewardbench": "", "rewardbench2": ""})
-    # RewardBench 2 Ties as in allenai's released rewardbench "0.1.4" or main (jaxrm.benchmarks)
+    # RewardBench 2 Ties as allenai's released rewardbench "0.1.4" or main (rewardbench/rules.py)
     c.eval_benchmark_ties_formula = "0.1.4"
     c.checkpointing_steps = 0  # 0: checkpoint only at the end
     c.max_checkpoints_to_keep = 2

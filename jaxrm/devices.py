@@ -25,11 +25,11 @@ import numpy as np
 from jaxrm.backends import AUTO, model_head_dim, resolve_execution
 from jaxrm.config import base_config, get_config
 from jaxrm.data import packing
+from jaxrm.distributed import batch_sizes, initialize_distributed
 from jaxrm.errors import UserError, exit_on_user_error, first_line
 from jaxrm.hf import check_model_sharding, model_architecture
 from jaxrm.models.attention import causal_attention, packed_attention
 from jaxrm.sharding import MAX_REPLICATED_SHARE, data_parallel_size, make_mesh
-from jaxrm.train import batch_sizes, initialize_distributed
 
 # Distributions that decide what JAX can run on, reported when installed.
 RUNTIME_DISTRIBUTIONS = (

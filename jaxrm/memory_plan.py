@@ -51,6 +51,7 @@ from jaxrm.backends import BACKEND_DEFAULTS
 from jaxrm.config import get_config
 from jaxrm.data import packing
 from jaxrm.data.batch import FIELDS, PACKED_FIELDS, Field, batch_shardings
+from jaxrm.distributed import batch_sizes
 from jaxrm.dtypes import BY_NAME
 from jaxrm.errors import UserError, exit_on_user_error
 from jaxrm.hf import abstract_reward_model, llama_config_from_hf, model_architecture
@@ -66,7 +67,6 @@ from jaxrm.sharding import (
     variable_sharding,
 )
 from jaxrm.step import Objective, make_train_step, optimizer_state_shardings
-from jaxrm.train import batch_sizes
 
 GIB = 1024**3
 ANALYSIS = "XLA:CPU"

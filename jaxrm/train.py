@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -36,6 +35,7 @@ from jaxrm.backends import with_backend_defaults
 from jaxrm.checkpoint import Checkpointer, abstract_like, read_meta, sync_processes
 from jaxrm.config import check_context_length, config_drift, get_config, to_dict
 from jaxrm.data import packing
+from jaxrm.distributed import batch_sizes, initialize_distributed
 from jaxrm.dtypes import BY_NAME
 from jaxrm.errors import (
     EXIT_DIVERGED,
@@ -46,7 +46,6 @@ from jaxrm.errors import (
     run_cli,
     write_failure,
 )
-from jaxrm.evaluate import BenchmarkHook
 from jaxrm.hf import (
     abstract_reward_model,
     check_model_sharding,
@@ -60,6 +59,7 @@ from jaxrm.logs import setup_logging
 from jaxrm.objective import METRIC_SUM_KEYS, finalize_metrics
 from jaxrm.optimizer import current_lr, make_optimizer, make_schedule
 from jaxrm.preemption import StopRequest
+from jaxrm.rewardbench.run import BenchmarkHook
 from jaxrm.rundir import (
     RunLock,
     check_free_space,
@@ -100,47 +100,6 @@ MODEL_SHAPE_KEYS = (
 def due(step: int, every: int) -> bool:
     """Whether a cadence of `every` steps (0: never) falls on `step`."""
     return every > 0 and step % every == 0
-
-
-def initialize_distributed(cfg: ml_collections.ConfigDict) -> None:
-    """jax.distributed on SLURM / TPU pods / GPU clusters (auto) or with explicit flags."""
-    d = cfg.distributed
-    explicit = bool(d.coordinator_address)
-    cluster = (
-        any(
-            k in os.environ
-            for k in (
-                "JAX_COORDINATOR_ADDRESS",
-                "MEGASCALE_COORDINATOR_ADDRESS",
-                "TPU_WORKER_HOSTNAMES",
-            )
-        )
-        or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    )
-    if d.mode == "off" or (d.mode == "auto" and not (explicit or cluster)):
-        return
-    kwargs = {}
-    if explicit:
-        kwargs = dict(
-            coordinator_address=d.coordinator_address,
-            num_processes=d.num_processes or None,
-            process_id=d.process_id if d.process_id >= 0 else None,
-        )
-    jax.distributed.initialize(**kwargs)
-
-
-def batch_sizes(cfg: ml_collections.ConfigDict, dp: int) -> tuple[int, int, int]:
-    """(global pairs per micro-batch, pairs per optimizer step, global eval pairs per batch)."""
-    accum = cfg.gradient_accumulation_steps
-    micro = cfg.per_device_train_batch_size * dp
-    if cfg.total_train_batch_size:
-        if cfg.total_train_batch_size % (dp * accum):
-            raise UserError(
-                f"total_train_batch_size {cfg.total_train_batch_size} is not divisible by the "
-                f"data-parallel size {dp} x gradient_accumulation_steps {accum}"
-            )
-        micro = cfg.total_train_batch_size // accum
-    return micro, micro * accum, cfg.per_device_eval_batch_size * dp
 
 
 # ----------------------------------------------------------------------------------------------
@@ -779,7 +738,7 @@ class Loop:
             self.left_to_do(["the HF export"] * self.cfg.export_hf)
         if not self.cfg.export_hf:
             return None
-        from jaxrm.export import export_checkpoint
+        from jaxrm.hf_export import export_checkpoint
 
         output_dir = Path(self.cfg.output_dir)
         exported, _ = export_checkpoint(

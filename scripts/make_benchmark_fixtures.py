@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import make_tiny_assets as tiny  # noqa: E402
 
-from jaxrm.benchmarks import SUBSET_MAPPING, TIES, V2_SUBSETS  # noqa: E402
+from jaxrm.rewardbench.rules import SUBSET_MAPPING, TIES, V2_SUBSETS  # noqa: E402
 
 OUT_DIR = tiny.ASSETS / "benchmarks"
 SEED = 2024

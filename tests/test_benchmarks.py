@@ -1,4 +1,4 @@
-"""RewardBench / RewardBench 2 scoring rules (jaxrm.benchmarks) on hand-made rewards."""
+"""RewardBench / RewardBench 2 scoring rules (jaxrm.rewardbench.rules) on hand-made rewards."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from jaxrm.benchmarks import (
+from jaxrm.errors import UserError
+from jaxrm.rewardbench.rules import (
     BENCHMARKS,
     EXAMPLE_COUNTS,
     REWARDBENCH,
@@ -21,7 +22,6 @@ from jaxrm.benchmarks import (
     section_scores,
     ties_score,
 )
-from jaxrm.errors import UserError
 
 
 def test_constants_are_the_references():

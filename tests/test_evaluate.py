@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from jaxrm.assets import BENCHMARK_FIXTURES, TINY_EVAL_FILE, TINY_MODEL_DIR
-from jaxrm.benchmark_report import output_paths
-from jaxrm.benchmarks import EXAMPLE_COUNTS, SUBSET_MAPPING, V2_SUBSETS
 from jaxrm.errors import UserError
 from jaxrm.evaluate import main as evaluate_main
+from jaxrm.rewardbench.report import output_paths
+from jaxrm.rewardbench.rules import EXAMPLE_COUNTS, SUBSET_MAPPING, V2_SUBSETS
 from jaxrm.score import main as score_main
 from tests.test_benchmarks import ALLENAI_SPREAD_ZERO_TIES, SPREAD_ZERO_TIES, reference_ties
 from tests.test_export import exported, trained  # noqa: F401 - fixtures
@@ -342,7 +342,7 @@ def given_rewards(monkeypatch):
         assert len(token_ids) == len(rewards)
         return np.asarray(rewards, np.float32)
 
-    monkeypatch.setattr("jaxrm.evaluate.score_token_ids", score_token_ids)
+    monkeypatch.setattr("jaxrm.rewardbench.run.score_token_ids", score_token_ids)
 
 
 @pytest.mark.parametrize("formula", ["0.1.4", "main", None])
@@ -374,8 +374,8 @@ def test_benchmark_hook_takes_the_ties_formula_from_config(tmp_path, classifier_
     from flax import nnx
 
     from jaxrm.config import get_config
-    from jaxrm.evaluate import BenchmarkHook
-    from jaxrm.score import load_model, locate_model
+    from jaxrm.rewardbench.run import BenchmarkHook
+    from jaxrm.scoring import load_model, locate_model
     from jaxrm.sharding import make_mesh
     from jaxrm.tokenizer import load_tokenizer
 

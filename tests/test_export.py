@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxrm import export, tensorfiles
+from jaxrm import hf_export, tensorfiles
 from jaxrm.assets import TINY_EVAL_FILE, TINY_MODEL_DIR
 from jaxrm.checkpoint import Checkpointer
 from jaxrm.errors import EXIT_USER_ERROR, UserError
-from jaxrm.export import export_checkpoint
 from jaxrm.hf import load_reward_model
+from jaxrm.hf_export import export_checkpoint
 from jaxrm.optimizer import make_optimizer
-from jaxrm.score import load_model, locate_model, score_token_ids
 from jaxrm.score import main as score_main
+from jaxrm.scoring import load_model, locate_model, score_token_ids
 from jaxrm.sharding import make_mesh
 from tests.test_score import assert_one_line_error, write_jsonl
 
@@ -88,7 +88,7 @@ def torch_rewards(path, ids, pad_id, **kwargs):
         path, output_loading_info=True, **kwargs
     )
     assert all(not v for v in info.values()), info  # no missing/unexpected/mismatched keys
-    assert model.config.num_labels == 1 and type(model).__name__ == export.ARCHITECTURE
+    assert model.config.num_labels == 1 and type(model).__name__ == hf_export.ARCHITECTURE
     width = max(map(len, ids))
     batch = torch.full((len(ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
@@ -245,8 +245,8 @@ def test_non_finite_weights_and_stats_are_never_exported(trained, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained[0], run)
     _, meta = read_meta(run)
-    abstract = export.abstract_params(
-        export.llama_config_from_hf(meta["hf_config"]), make_mesh(1, -1, 1)
+    abstract = hf_export.abstract_params(
+        hf_export.llama_config_from_hf(meta["hf_config"]), make_mesh(1, -1, 1)
     )
     _, params = restore_params(run, 3, abstract)
     params["model"]["norm"]["weight"] = params["model"]["norm"]["weight"].at[5].set(np.nan)
@@ -262,7 +262,7 @@ def test_non_finite_weights_and_stats_are_never_exported(trained, tmp_path):
         export_checkpoint(run, tmp_path / "hf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing written
     stats = {"mean": float("nan"), "std": float("nan"), "count": 0}
-    config = export.export_config(meta["hf_config"], 2, "float32", stats)
+    config = hf_export.export_config(meta["hf_config"], 2, "float32", stats)
     assert "mean" not in config and "std" not in config
     json.dumps(config, allow_nan=False)
 
@@ -339,14 +339,14 @@ def test_output_in_or_around_a_training_run_is_refused(trained, tmp_path):
     # the run's own export, hf/: written, and replaced with --overwrite, also one written before
     # exports were marked; nothing else in the run changes
     path, step = export_checkpoint(run, run / "hf")
-    assert json.loads((path / export.EXPORT_MARKER).read_text()) == {
+    assert json.loads((path / hf_export.EXPORT_MARKER).read_text()) == {
         "checkpoint": str(run),
         "step": 3,
         "dtype": "float32",
     }
-    (path / export.EXPORT_MARKER).unlink()
+    (path / hf_export.EXPORT_MARKER).unlink()
     assert export_checkpoint(run, run / "hf", overwrite=True) == (path, 3)
-    assert (path / export.EXPORT_MARKER).is_file() and (path / "model.safetensors").is_file()
+    assert (path / hf_export.EXPORT_MARKER).is_file() and (path / "model.safetensors").is_file()
     assert {k: v for k, v in snapshot(run).items() if not k.startswith("hf")} == before
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "hf", "tokenizer"]
 
@@ -355,7 +355,7 @@ def test_overwrite_replaces_only_what_jaxrm_exported(trained, exported, tmp_path
     run = trained[0]
     mine = tmp_path / "mine"  # a user's model folder: config.json and weights, no marker
     shutil.copytree(exported, mine)
-    (mine / export.EXPORT_MARKER).unlink()
+    (mine / hf_export.EXPORT_MARKER).unlink()
     (mine / "notes.txt").write_text("keep")
     with_folder = tmp_path / "with_folder"  # an export the user put a folder into
     shutil.copytree(exported, with_folder)
@@ -488,12 +488,12 @@ def test_damaged_newest_checkpoint_falls_back_quietly(trained, tmp_path, monkeyp
     run = damaged_newest_step(trained, tmp_path)
     leftovers = []
     monkeypatch.setattr(sys, "unraisablehook", leftovers.append)
-    _, meta = export.read_meta(run, 3)
-    abstract = export.abstract_params(
-        export.llama_config_from_hf(meta["hf_config"]), make_mesh(1, -1, 1)
+    _, meta = hf_export.read_meta(run, 3)
+    abstract = hf_export.abstract_params(
+        hf_export.llama_config_from_hf(meta["hf_config"]), make_mesh(1, -1, 1)
     )
     for _ in range(5):
-        assert export.restore_params_and_meta(run, None, abstract)[0] == 3
+        assert hf_export.restore_params_and_meta(run, None, abstract)[0] == 3
         gc.collect()
     assert leftovers == []
     assert "never retrieved" not in caplog.text

@@ -11,15 +11,9 @@ import numpy as np
 import pytest
 
 from jaxrm.assets import TINY_EVAL_FILE, TINY_MODEL_DIR
-from jaxrm.score import (
-    distinct_sequences,
-    load_model,
-    locate_model,
-    score_token_ids,
-    set_rewards,
-    write_rows,
-)
 from jaxrm.score import main as score_main
+from jaxrm.score import set_rewards, write_rows
+from jaxrm.scoring import distinct_sequences, load_model, locate_model, score_token_ids
 from jaxrm.sharding import make_mesh
 from tests.hf_reference import save_tiny_classifier
 

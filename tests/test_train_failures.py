@@ -27,8 +27,8 @@ from safetensors.numpy import load_file
 from jaxrm.assets import TINY_EVAL_FILE, TINY_MODEL_DIR
 from jaxrm.checkpoint import read_meta, restore_params
 from jaxrm.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
-from jaxrm.export import abstract_params
 from jaxrm.hf import llama_config_from_hf
+from jaxrm.hf_export import abstract_params
 from jaxrm.rundir import LOCK_FILE
 from jaxrm.sharding import make_mesh
 from jaxrm.tracking import keep_metrics_until, read_metrics
@@ -237,11 +237,11 @@ def test_sigint_is_graceful(tmp_path):
 
 SIGNAL_IN = """
 import os, signal, sys
-import jaxrm.export
+import jaxrm.hf_export
 from jaxrm import train
 from jaxrm.errors import run_cli
 
-owner, name = {"eval": (train.Loop, "evaluate"), "export": (jaxrm.export, "export_checkpoint")}[
+owner, name = {"eval": (train.Loop, "evaluate"), "export": (jaxrm.hf_export, "export_checkpoint")}[
     sys.argv.pop(1)
 ]
 real = getattr(owner, name)

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from jaxrm.benchmarks import BenchmarkResult, SubsetResult
 from jaxrm.errors import UserError, write_failure
+from jaxrm.rewardbench.rules import BenchmarkResult, SubsetResult
 
 
 def fmt_score(value: float | None) -> str:

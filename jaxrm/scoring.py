@@ -1,0 +1,231 @@
+"""A reward model's rewards: locate and load a model (an HF directory or hub id, or a jaxrm
+training run's checkpoint) and score token sequences with it, packed like training. The library
+behind `python -m jaxrm.score`, `python -m jaxrm.evaluate` and training's benchmark evals."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from jaxrm.checkpoint import read_meta, restore_params_and_meta, tokenizer_dir, training_output_dir
+from jaxrm.data import packing
+from jaxrm.data.batch import PACKED_FIELDS, batch_shardings, local_part
+from jaxrm.dtypes import EXPORT_DTYPES, dtype_named
+from jaxrm.errors import UserError
+from jaxrm.hf import (
+    abstract_reward_model,
+    llama_config_from_hf,
+    load_reward_model,
+    read_hf_config,
+    resolve_model_dir,
+    state_leaves,
+    tensor_map,
+)
+from jaxrm.hf_export import abstract_params
+from jaxrm.models.llama import LlamaConfig
+from jaxrm.sharding import activation_sharding, data_parallel_size, gather_to_host
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """Where a reward model comes from: an HF directory (a hub id is downloaded) or a jaxrm
+    training output directory at a checkpoint step. Locating it reads only metadata."""
+
+    name: str  # as the user gave it
+    model_dir: Path | None  # an HF model directory
+    run_dir: Path | None  # a training output directory
+    step: int | None  # the run's checkpoint step
+    meta: dict[str, Any] | None  # the run's checkpoint metadata
+    tokenizer: str  # the tokenizer to use
+    hf_config: dict[str, Any]  # the model's config.json (a run's: from its metadata)
+    newest: bool = False  # no --step given: loading takes the newest step then (see load_model)
+
+    def describe(self) -> str:
+        return self.name if self.run_dir is None else f"{self.name} step {self.step}"
+
+
+def locate_model(
+    name_or_path: str, *, step: int | None = None, tokenizer: str | None = None
+) -> ModelSource:
+    """An HF reward model (directory or hub id) or a jaxrm training output directory (`step`:
+    its checkpoint, default the latest); the tokenizer is the model's (training's) unless given."""
+    path = Path(os.path.expanduser(str(name_or_path)))
+    run_dir = None if (path / "config.json").is_file() else training_output_dir(path)
+    if run_dir is not None:
+        found, meta = read_meta(run_dir, step)
+        if not isinstance(meta.get("hf_config"), dict):
+            raise UserError(f"{run_dir} step {found}: checkpoint metadata has no hf_config")
+        tokenizer = tokenizer or str(tokenizer_dir(run_dir, meta))
+        return ModelSource(
+            str(name_or_path), None, run_dir, found, meta, tokenizer, meta["hf_config"],
+            step is None,
+        )
+    if step is not None:
+        raise UserError(
+            f"--step {step}: {name_or_path} is not a jaxrm training output directory "
+            "(no checkpoints/ in it)"
+        )
+    model_dir = resolve_model_dir(name_or_path)
+    hf_config = read_hf_config(model_dir)
+    tokenizer = tokenizer or str(model_dir)
+    return ModelSource(str(name_or_path), model_dir, None, None, None, tokenizer, hf_config)
+
+
+def load_model(
+    source: ModelSource, mesh, *, dtype: str = "float32", vocab_size: int | None = None
+) -> tuple[nnx.Module, ModelSource]:
+    """The located reward model, sharded on `mesh`, computing in `dtype`, and its source as
+    loaded. A training run's params are restored straight into the training layout (its
+    optimizer state is not read); without --step from the newest step that reads then (a live
+    run may have saved a newer one, or rotated the located one away, since it was located). An
+    HF model's embedding grows to `vocab_size` (the tokenizer's length) when that is larger. A
+    non-finite weight is refused (`check_finite`)."""
+    compute = dtype_named(dtype, EXPORT_DTYPES, "--dtype")
+    if source.run_dir is not None:
+        config = llama_config_from_hf(source.meta["hf_config"], dtype=compute, attention="flash")
+        if vocab_size is not None and vocab_size > config.vocab_size:
+            raise UserError(
+                f"the tokenizer has {vocab_size} tokens, more than the {config.vocab_size} "
+                f"embeddings {source.describe()} was trained with"
+            )
+        step, params, meta = restore_params_and_meta(
+            source.run_dir, None if source.newest else source.step, abstract_params(config, mesh)
+        )
+        graphdef, state = abstract_reward_model(config)
+        nnx.replace_by_pure_dict(state, params)
+        model = nnx.merge(graphdef, state)
+        loaded = dataclasses.replace(source, step=step, meta=meta)
+        check_finite(model, config, loaded.describe())
+        return model, loaded
+    model, hf_config, report = load_reward_model(
+        str(source.model_dir), mesh, min_vocab_size=vocab_size, dtype=compute, attention="flash"
+    )
+    if report.head != "loaded":
+        print(
+            f"warning: {source.model_dir} has no score head (score.weight); rewards come from a "
+            "freshly initialized head",
+            file=sys.stderr,
+        )
+    check_finite(model, llama_config_from_hf(hf_config), source.describe())
+    return model, source
+
+
+def check_finite(model: nnx.Module, config: LlamaConfig, where: str) -> None:
+    """Refuses a model holding a non-finite weight (every reward would be NaN or meaningless), in
+    one line naming the first such tensor by its HF name. Checked on the devices: only one flag
+    per tensor (per layer) comes to the host."""
+    leaves = state_leaves(nnx.state(model))
+    entries = tensor_map(config)
+
+    def flags(values: list[jax.Array]) -> list[jax.Array]:
+        return [
+            jnp.isfinite(v).reshape(v.shape[0], -1).all(axis=1)
+            if e.stacked
+            else jnp.isfinite(v).all()
+            for e, v in zip(entries, values, strict=True)
+        ]
+
+    finite = jax.jit(flags)([leaves[e.path].value for e in entries])
+    for entry, ok in zip(entries, finite, strict=True):
+        bad = np.flatnonzero(~gather_to_host(ok).reshape(-1))
+        if len(bad):
+            name = entry.hf_names(config.num_hidden_layers)[int(bad[0])]
+            raise UserError(f"{where}: parameter {name} holds non-finite values; not scored")
+
+
+IN_FLIGHT = 1  # micro-batches computing on the devices while the host prepares the next one
+
+
+def distinct_sequences(token_ids: Sequence[Sequence[int]]) -> tuple[list, np.ndarray]:
+    """The distinct sequences, in an order fixed by their contents alone (so any file holding the
+    same sequences packs them alike), and per sequence the index of its distinct copy. Sequences
+    are keyed by a 128-bit hash of their ids (a collision is as likely as a cosmic-ray error)."""
+    keys = [
+        hashlib.blake2b(np.asarray(t, np.int64).tobytes(), digest_size=16).digest()
+        for t in token_ids
+    ]
+    first: dict[bytes, int] = {}
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
+    distinct = sorted(first)
+    position = {key: n for n, key in enumerate(distinct)}
+    copies = np.fromiter((position[k] for k in keys), np.int64, len(keys))
+    return [token_ids[first[k]] for k in distinct], copies
+
+
+def score_token_ids(
+    model: nnx.Module, token_ids: list[list[int]], batch_size: int, mesh, progress: bool = True
+) -> np.ndarray:
+    """Rewards of token sequences. Each distinct sequence is scored once and every copy gets its
+    reward, so equal sequences tie exactly (a benchmark's strict `>` or top-share rule sees a tie,
+    not float noise from where a copy landed in a packed row)."""
+    if not len(token_ids):
+        return np.zeros(0, np.float32)
+    distinct, copies = distinct_sequences(token_ids)
+    return _score_distinct(model, distinct, batch_size, mesh, progress)[copies]
+
+
+def _score_distinct(
+    model: nnx.Module, token_ids: list, batch_size: int, mesh, progress: bool
+) -> np.ndarray:
+    """Packed like training (jaxrm/data/packing.py: rows holding whole sequences, one compiled
+    shape), `batch_size` sequences of average length per device and forward pass; the score is
+    read at each sequence's last token. The next micro-batch is prepared and dispatched before
+    the previous one's rewards are fetched (`IN_FLIGHT`), so host and devices overlap."""
+    graphdef, state = nnx.split(model)
+    dp = data_parallel_size(mesh)
+    lengths = np.array([len(t) for t in token_ids], np.int64)
+    length = -(-max(int(lengths.max()), packing.MIN_MICRO_TOKENS) // packing.ROW_MULTIPLE)
+    length *= packing.ROW_MULTIPLE
+    rows = max(1, math.ceil(batch_size * float(lengths.mean()) / length))
+    spec = packing.PackSpec(length=length, rows=rows, devices=dp, slots=0, share_prefix=False)
+    micro_batches = packing.pack_sequences(lengths, spec)
+    row_fields = ("input_ids", "positions", "segment_ids", "branch_ids")
+    shardings = batch_shardings(mesh, {k: PACKED_FIELDS[k] for k in row_fields})
+    shardings["index"] = batch_shardings(mesh, {"index": PACKED_FIELDS["chosen_index"]})["index"]
+
+    @jax.jit
+    def forward(state, batch):
+        with activation_sharding(mesh):
+            scores = nnx.merge(graphdef, state).token_scores(*(batch[k] for k in row_fields))
+        per_device = scores.reshape(batch["index"].shape[0], -1)
+        return jnp.take_along_axis(per_device, batch["index"], axis=1)
+
+    def dispatch(micro: dict[str, np.ndarray]) -> jax.Array:
+        host = dict(micro, input_ids=packing.fill_tokens(micro, token_ids))
+        local = local_part(
+            {k: host[k] for k in shardings}, jax.process_index(), jax.process_count()
+        )
+        batch = {
+            k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in local.items()
+        }
+        return forward(state, batch)
+
+    rewards = np.zeros(len(token_ids), np.float32)
+
+    def collect(micro: dict[str, np.ndarray], values: jax.Array) -> None:
+        host = gather_to_host(values)  # a collective: every process fetches in the same order
+        real = micro["weight"] > 0
+        rewards[micro["order"][real]] = host[real]
+
+    pending: collections.deque = collections.deque()
+    for micro in tqdm(micro_batches, desc="scoring", unit="batch", disable=not progress):
+        pending.append((micro, dispatch(micro)))
+        if len(pending) > IN_FLIGHT:
+            collect(*pending.popleft())
+    while pending:
+        collect(*pending.popleft())
+    return rewards

@@ -1,0 +1,106 @@
+"""The package's layering, read from the source with `ast`: a command module (a `python -m jaxrm.X`
+entry point) is a thin shell over the library, so no module in jaxrm/ imports one, not even inside
+a function. Only an `if __name__ == "__main__":` block may."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import jaxrm
+
+COMMANDS = frozenset(
+    f"jaxrm.{name}" for name in ("train", "evaluate", "score", "export", "devices", "memory_plan")
+)
+PACKAGE_DIR = Path(jaxrm.__file__).parent
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def is_main_block(node: ast.AST) -> bool:
+    """`if __name__ == "__main__":`, the one place a command's own module may import anything."""
+    if not isinstance(node, ast.If) or not isinstance(node.test, ast.Compare):
+        return False
+    left, right = node.test.left, node.test.comparators
+    return (
+        isinstance(left, ast.Name)
+        and left.id == "__name__"
+        and len(right) == 1
+        and isinstance(right[0], ast.Constant)
+        and right[0].value == "__main__"
+    )
+
+
+def resolve(module: str, node: ast.ImportFrom) -> str:
+    """The absolute name `from ... import` reads from, relative imports included."""
+    if not node.level:
+        return node.module or ""
+    package = module.split(".")
+    if not module_is_package(module):
+        package = package[:-1]
+    base = package[: len(package) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def module_is_package(module: str) -> bool:
+    return (PACKAGE_DIR.parent / module.replace(".", "/") / "__init__.py").is_file()
+
+
+def imported_names(module: str, tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, module) for every import anywhere in the tree, function bodies included, outside
+    `__main__` blocks; `from jaxrm import train` counts as importing jaxrm.train."""
+    found: list[tuple[int, str]] = []
+
+    def visit(node: ast.AST) -> None:
+        if is_main_block(node):
+            return
+        if isinstance(node, ast.Import):
+            found.extend((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            source = resolve(module, node)
+            found.append((node.lineno, source))
+            found.extend((node.lineno, f"{source}.{alias.name}") for alias in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def command_imports() -> list[str]:
+    offences = []
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        module = module_name(path)
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for line, name in imported_names(module, tree):
+            if name in COMMANDS and name != module:
+                offences.append(f"{path.relative_to(PACKAGE_DIR.parent)}:{line} imports {name}")
+    return offences
+
+
+def test_no_module_imports_a_command():
+    assert command_imports() == []
+
+
+def test_the_reader_sees_every_kind_of_import():
+    """The checker itself: each way of importing a command is caught, a `__main__` block is not."""
+    source = """
+import jaxrm.train
+from jaxrm import evaluate
+from jaxrm.score import main
+from . import export as e
+def f():
+    from jaxrm.devices import main
+if __name__ == "__main__":
+    from jaxrm.memory_plan import main
+"""
+    names = {name for _, name in imported_names("jaxrm.hf", ast.parse(source))}
+    assert COMMANDS & names == COMMANDS - {"jaxrm.memory_plan"}
+
+
+def test_the_command_list_names_real_modules():
+    for name in COMMANDS:
+        assert (PACKAGE_DIR.parent / f"{name.replace('.', '/')}.py").is_file(), name
