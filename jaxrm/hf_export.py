@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import os
 import shutil
@@ -83,7 +82,6 @@ from jaxrm.rundir import (
 from jaxrm.sharding import gather_to_host, make_mesh, state_shardings
 from jaxrm.tensorfiles import PlannedTensor, parse_size, write_safetensors
 
-log = logging.getLogger(__name__)
 TEMPORARIES = ("export-tmp", "old")
 HF_SUBDIR = "hf"  # a training run's own export: OUTPUT/hf
 EXPORT_MARKER = ".jaxrm-export.json"  # what marks a directory as an export jaxrm wrote
@@ -374,5 +372,4 @@ def export_checkpoint(
             ) from None
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("jaxrm.export done")
-    log.info("exported %s step %d (%s) to %s", run_dir, step, dtype, output)
     return output, step

@@ -748,6 +748,8 @@ class Loop:
             dtype=self.cfg.export_dtype,
             overwrite=True,
         )
+        dtype = self.cfg.export_dtype
+        log.info("exported %s step %d (%s) to %s", output_dir, self.step, dtype, exported)
         self.left_to_do([])
         return exported
 
