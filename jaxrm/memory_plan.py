@@ -57,7 +57,7 @@ from jaxrm.errors import UserError, exit_on_user_error
 from jaxrm.hf import abstract_reward_model, llama_config_from_hf, model_architecture
 from jaxrm.hf import read_config_file as read_model_config
 from jaxrm.logs import setup_logging
-from jaxrm.objective import METRIC_SUM_KEYS
+from jaxrm.objective import METRIC_SUM_KEYS, Objective
 from jaxrm.optimizer import make_optimizer
 from jaxrm.sharding import (
     MESH_AXES,
@@ -66,7 +66,7 @@ from jaxrm.sharding import (
     make_mesh,
     variable_sharding,
 )
-from jaxrm.step import Objective, make_train_step, optimizer_state_shardings
+from jaxrm.step import make_train_step, optimizer_state_shardings
 
 GIB = 1024**3
 ANALYSIS = "XLA:CPU"

@@ -27,6 +27,8 @@ leak NaN into the loss or its gradient.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -38,6 +40,15 @@ METRIC_SUM_KEYS = (
     "margin_sum",
     "count",
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """The objective's settings a train or eval step is built with."""
+
+    num_blocks: int  # process blocks per micro-batch (see split_pair_rewards)
+    use_margin: bool = False  # subtract the dataset's margin column inside the log-sigmoid
+    center_coef: float = 0.0  # the centering term's coefficient
 
 
 def split_pair_rewards(rewards: jax.Array, num_blocks: int = 1) -> tuple[jax.Array, jax.Array]:

@@ -36,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxrm.data.batch import FIELDS, PACKED_FIELDS, batch_shardings
 from jaxrm.objective import (
     METRIC_SUM_KEYS,
+    Objective,
     add_metrics,
     mean_loss,
     pair_metrics,
@@ -44,13 +45,6 @@ from jaxrm.objective import (
 from jaxrm.sharding import MESH_AXES, activation_sharding
 
 Batch = dict[str, jax.Array]
-
-
-@dataclasses.dataclass(frozen=True)
-class Objective:
-    num_blocks: int  # process blocks per micro-batch (see split_pair_rewards)
-    use_margin: bool = False
-    center_coef: float = 0.0
 
 
 def init_optimizer_state(optimizer: optax.GradientTransformation, params: Any, mesh: Mesh):

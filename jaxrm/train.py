@@ -56,7 +56,7 @@ from jaxrm.hf import (
     resolve_model_dir,
 )
 from jaxrm.logs import setup_logging
-from jaxrm.objective import METRIC_SUM_KEYS, finalize_metrics
+from jaxrm.objective import METRIC_SUM_KEYS, Objective, finalize_metrics
 from jaxrm.optimizer import current_lr, make_optimizer, make_schedule
 from jaxrm.preemption import StopRequest
 from jaxrm.rewardbench.run import BenchmarkHook
@@ -74,7 +74,6 @@ from jaxrm.sharding import (
     make_mesh,
 )
 from jaxrm.step import (
-    Objective,
     init_optimizer_state,
     make_eval_step,
     make_train_step,
@@ -431,30 +430,32 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         jax.process_count(),
     )
     with claim_output_dir(Path(cfg.output_dir), is_main), StopRequest() as stop:
-        return train(cfg, mesh, batch, stop, started)
+        return run(cfg, mesh, batch, stop, started)
 
 
-def train(
+def run(
     cfg: ml_collections.ConfigDict,
     mesh,
     batch: tuple[int, int, int],
     stop: StopRequest,
     started: float,
 ) -> dict[str, Any]:
+    """The run in a claimed output directory: data, model, the training loop, the final eval and
+    export; returns the step reached, the seconds taken and the last eval's metrics."""
     is_main = jax.process_index() == 0
     output_dir = Path(cfg.output_dir)
     micro_pairs, step_pairs, eval_pairs_per_batch = batch
     layout = layout_fields(micro_pairs, step_pairs)
     cfg = with_backend_defaults(cfg)  # dtype and attention "auto" resolved: stored and compared
-    run = prepare_output_dir(cfg, layout, is_main)
-    if run.resume_step is not None:
+    run_start = prepare_output_dir(cfg, layout, is_main)
+    if run_start.resume_step is not None:
         stop.kept(
-            f"the checkpoints up to step {run.resume_step} in {output_dir / 'checkpoints'} are "
-            "kept; rerun the same command to resume"
+            f"the checkpoints up to step {run_start.resume_step} in {output_dir / 'checkpoints'} "
+            "are kept; rerun the same command to resume"
         )
 
     # ---- tokenizer and data
-    tokenizer = load_tokenizer(cfg.tokenizer_name or str(run.model_dir))
+    tokenizer = load_tokenizer(cfg.tokenizer_name or str(run_start.model_dir))
     check_pad_token(tokenizer, cfg.tokenizer_name or cfg.model_name_or_path)
     train_pairs, eval_pairs, stats = data.build_datasets(
         dataset_mixer_list=cfg.dataset_mixer_list,
@@ -467,7 +468,7 @@ def train(
         seed=cfg.seed,
         cache_dir=cfg.dataset_cache_dir or None,
         num_proc=cfg.dataset_num_proc or None,
-        vocab_size=max(run.hf_config.get("vocab_size", 0), len(tokenizer)),
+        vocab_size=max(run_start.hf_config.get("vocab_size", 0), len(tokenizer)),
         pack=pack_fit(cfg),
     )
     benchmarks = BenchmarkHook.from_config(cfg, tokenizer, data_parallel_size(mesh))
@@ -508,7 +509,7 @@ def train(
         )
 
     # ---- model, optimizer, steps
-    model, hf_config, report = build_model(cfg, mesh, run.model_dir, len(tokenizer))
+    model, hf_config, report = build_model(cfg, mesh, run_start.model_dir, len(tokenizer))
     log.info(
         "model %s: %s parameters; score head %s%s",
         cfg.model_name_or_path,
@@ -577,7 +578,7 @@ def train(
             accounting=StepAccounting(cfg, schedule, total_steps),
             meta=meta,
         )
-        if run.resume_step is not None:
+        if run_start.resume_step is not None:
             loop.restore()
         if is_main:
             keep_metrics_until(writer.path, loop.step)

@@ -143,9 +143,10 @@ def run_jaxrm(args, workdir: Path, pairs: list, layout: str) -> dict:
     from jaxrm.data.pairs import Pairs, Ragged
     from jaxrm.dtypes import BY_NAME
     from jaxrm.hf import load_reward_model
+    from jaxrm.objective import Objective
     from jaxrm.optimizer import make_optimizer, make_schedule
     from jaxrm.sharding import data_parallel_size, make_mesh
-    from jaxrm.step import Objective, init_optimizer_state, make_train_step, stop_votes
+    from jaxrm.step import init_optimizer_state, make_train_step, stop_votes
 
     backend = jax.default_backend()
     run = resolve_execution(args.dtype, args.attention, backend, args.hidden // args.heads, layout)

@@ -10,9 +10,10 @@ from flax import nnx
 from jaxrm.data.packing import PackSpec, pack
 from jaxrm.data.pairs import Pairs, Ragged
 from jaxrm.hf import load_reward_model
+from jaxrm.objective import Objective
 from jaxrm.optimizer import make_optimizer, make_schedule
 from jaxrm.sharding import make_mesh
-from jaxrm.step import Objective, init_optimizer_state, make_train_step, stop_votes
+from jaxrm.step import init_optimizer_state, make_train_step, stop_votes
 from tests.hf_reference import save_tiny_classifier
 
 LR = 3e-3
