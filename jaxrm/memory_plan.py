@@ -20,9 +20,9 @@ run once per micro-batch) and `apply` (clipping + AdamW); its peak is the larger
 On a host without N accelerators the devices are fake CPU devices (scripts/memory_plan.py sets
 `--xla_force_host_platform_device_count`), so the analysis is XLA:CPU's, which keeps more of the
 bf16 work in float32 than the GPU and TPU compilers: it over-estimates their temporaries
-(DESIGN.md: one 8B step came to 86 GiB by XLA:CPU and 69 GiB by the GPU compiler). `dtype` auto
-plans the accelerators' bf16; cuDNN attention cannot be compiled by XLA:CPU, so `auto` and
-`cudnn` are planned with `flash`, which likewise never forms T x T.
+(benchmarks/RESULTS.md, "Memory plan": one 8B step came to 86 GiB by XLA:CPU and 69 GiB by the
+GPU compiler). `dtype` auto plans the accelerators' bf16; cuDNN attention cannot be compiled by
+XLA:CPU, so `auto` and `cudnn` are planned with `flash`, which likewise never forms T x T.
 
 `--largest` also finds the largest micro-batch per device (packed rows, or padded pairs) whose
 peak fits in `--memory_gb` (GB = 10^9 bytes), planning each size it tries. The last line printed is
