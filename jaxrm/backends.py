@@ -16,8 +16,9 @@ import ml_collections
 
 from jaxrm.dtypes import COMPUTE_DTYPES
 from jaxrm.errors import UserError
-from jaxrm.hf import llama_config_from_hf, model_architecture
-from jaxrm.models.llama import ATTENTION_IMPLEMENTATIONS
+from jaxrm.hf import model_architecture
+from jaxrm.models.attention import ATTENTION_IMPLEMENTATIONS
+from jaxrm.models.families import model_config_from_hf
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def resolve_execution(
 def model_head_dim(model_name_or_path: str, revision: str = "") -> int:
     """head_dim from the model's config.json alone (see `jaxrm.hf.model_architecture`)."""
     hf_config, _ = model_architecture(model_name_or_path, revision or None)
-    return llama_config_from_hf(hf_config).head_dim
+    return model_config_from_hf(hf_config).head_dim
 
 
 def with_backend_defaults(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -28,7 +28,8 @@ import ml_collections
 from jaxrm.data.packing import ROW_MULTIPLE
 from jaxrm.dtypes import COMPUTE_DTYPES, EXPORT_DTYPES
 from jaxrm.errors import UserError
-from jaxrm.models.llama import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
+from jaxrm.models.attention import ATTENTION_IMPLEMENTATIONS
+from jaxrm.models.remat import REMAT_POLICIES
 from jaxrm.optimizer import SCHEDULER_TYPES
 from jaxrm.rewardbench.rules import TIES_FORMULAS
 
@@ -72,7 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.dtype = "auto"  # auto (bf16 on GPU/TPU, float32 on CPU) | float32 | bfloat16 | float16
     c.param_dtype = "float32"
     c.gradient_checkpointing = False
-    c.remat_policy = "full"  # used when gradient_checkpointing (see jaxrm.models.llama)
+    c.remat_policy = "full"  # used when gradient_checkpointing (see jaxrm.models.remat)
     c.attention = "auto"  # auto (the fastest that fits: jaxrm.backends) | flash | xla | cudnn
     # batches: packed rows of whole pairs (prompt shared by chosen and rejected), or right-padded
     # rows (the reference); see jaxrm/data/packing.py

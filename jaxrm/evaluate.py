@@ -4,7 +4,7 @@
         [--data PATH_OR_HUB_ID] [--split S] [--output results.json] [--batch_size 16]
         [--dtype float32|bfloat16] [--max_length 4096] [--tokenizer DIR] [--ties_formula 0.1.4|main]
 
-`M` is an HF reward-model directory or hub id (any Llama reward model, e.g. a jaxrm export) or a
+`M` is an HF reward-model directory or hub id (of a supported family, e.g. a jaxrm export) or a
 jaxrm training output directory (`--step`: its checkpoint, default the latest, read straight from
 orbax with the tokenizer saved by training). `--data` defaults to the benchmark's hub dataset
 (`allenai/reward-bench` split `filtered`, `allenai/reward-bench-2` split `test`); a local

@@ -1,4 +1,4 @@
-"""`python -m jaxrm.export`: a training checkpoint -> an HF `LlamaForSequenceClassification` dir.
+"""`python -m jaxrm.export`: a training checkpoint -> an HF `*ForSequenceClassification` dir.
 
     python -m jaxrm.export --checkpoint OUTPUT_DIR [--step N] --output DIR
         [--dtype bfloat16|float32] [--max_shard_size 5GB] [--overwrite]

@@ -1,10 +1,11 @@
-"""The Hugging Face boundary: HF Llama checkpoints <-> jaxrm parameters.
+"""The Hugging Face boundary: HF checkpoints <-> jaxrm parameters, for any model family.
 
-One name map (`tensor_map`) says where every HF tensor lives in the jaxrm model and how its layout
-differs (transposes, head reshapes). Import reads tensor by tensor, each device's slice straight
-into its final sharded layout (`jax.make_array_from_callback` over memory-mapped safetensors), so an
-8B load never holds the whole model on one host. Export (jaxrm/export.py) walks the same map in
-reverse.
+The family's name map (`tensor_map`; each family's in jaxrm/models/, found by
+jaxrm/models/families.py) says where every HF tensor lives in the jaxrm model and how its layout
+differs (the layouts here: transposes, head reshapes). Import reads tensor by tensor, each device's
+slice straight into its final sharded layout (`jax.make_array_from_callback` over memory-mapped
+safetensors), so an 8B load never holds the whole model on one host. Export (jaxrm/hf_export.py)
+walks the same map in reverse.
 """
 
 from __future__ import annotations
@@ -25,14 +26,14 @@ from jax.sharding import Mesh
 
 from jaxrm.assets import ARCHITECTURES_DIR
 from jaxrm.errors import UserError, first_line
-from jaxrm.models.llama import LlamaConfig
+from jaxrm.models.families import family_named, family_of, model_config_from_hf
+from jaxrm.models.family import ModelConfig, TensorMap
 from jaxrm.models.reward import RewardModel, score_head_stddev
 from jaxrm.sharding import ReplicatedParam, check_replication, variable_sharding
 from jaxrm.tensorfiles import WeightFiles
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama",)
 HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
 
 # ----------------------------------------------------------------------------------------------
@@ -110,101 +111,17 @@ def read_config_file(path: Path) -> dict[str, Any]:
         config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{path} is not valid JSON: {e}") from None
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UserError(
-            f"{path}: unsupported model_type {model_type!r} (jaxrm supports "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
+    family_of(config, str(path))
     return config
-
-
-def llama_config_from_hf(hf: dict[str, Any], **runtime: Any) -> LlamaConfig:
-    """LlamaConfig from config.json (transformers 4 `rope_scaling` or 5 `rope_parameters`)."""
-    if hf.get("hidden_act", "silu") != "silu":
-        raise UserError(f"config.json: unsupported hidden_act {hf.get('hidden_act')!r} (silu only)")
-    try:
-        heads = hf["num_attention_heads"]
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-        if rope.get("rope_type", rope.get("type", "default")) == "default":
-            rope = {}
-        return LlamaConfig(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=hf["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta),
-            rope_scaling=rope or None,
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            attention_bias=bool(hf.get("attention_bias", False)),
-            mlp_bias=bool(hf.get("mlp_bias", False)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            **runtime,
-        )
-    except KeyError as e:
-        raise UserError(f"config.json: missing key {e.args[0]!r}") from None
 
 
 # ----------------------------------------------------------------------------------------------
 # The name map
 
 
-@dataclasses.dataclass(frozen=True)
-class TensorMap:
-    """One HF tensor <-> one jaxrm parameter (a stacked one holds all layers' tensors)."""
-
-    path: tuple[str, ...]  # nnx state path in RewardModel
-    hf_name: str  # may contain {layer}
-    layout: str  # how jaxrm's layout derives from HF's, see `_from_hf_slice`
-    stacked: bool = False
-
-    def hf_names(self, num_layers: int) -> list[str]:
-        if not self.stacked:
-            return [self.hf_name]
-        return [self.hf_name.format(layer=i) for i in range(num_layers)]
-
-
-def tensor_map(config: LlamaConfig, prefix: str = "model.") -> list[TensorMap]:
-    layer = prefix + "layers.{layer}."
-    entries = [
-        TensorMap(("model", "embed_tokens"), prefix + "embed_tokens.weight", "copy"),
-        TensorMap(("model", "norm", "weight"), prefix + "norm.weight", "copy"),
-        TensorMap(("score", "kernel"), "score.weight", "linear"),
-    ]
-    stacked = [
-        (("input_layernorm", "weight"), "input_layernorm.weight", "copy"),
-        (("post_attention_layernorm", "weight"), "post_attention_layernorm.weight", "copy"),
-        (("self_attn", "q_kernel"), "self_attn.q_proj.weight", "heads_in"),
-        (("self_attn", "k_kernel"), "self_attn.k_proj.weight", "heads_in"),
-        (("self_attn", "v_kernel"), "self_attn.v_proj.weight", "heads_in"),
-        (("self_attn", "o_kernel"), "self_attn.o_proj.weight", "heads_out"),
-        (("mlp", "gate_kernel"), "mlp.gate_proj.weight", "linear"),
-        (("mlp", "up_kernel"), "mlp.up_proj.weight", "linear"),
-        (("mlp", "down_kernel"), "mlp.down_proj.weight", "linear"),
-    ]
-    if config.attention_bias:
-        stacked += [
-            (("self_attn", "q_bias"), "self_attn.q_proj.bias", "heads_bias"),
-            (("self_attn", "k_bias"), "self_attn.k_proj.bias", "heads_bias"),
-            (("self_attn", "v_bias"), "self_attn.v_proj.bias", "heads_bias"),
-            (("self_attn", "o_bias"), "self_attn.o_proj.bias", "copy"),
-        ]
-    if config.mlp_bias:
-        stacked += [
-            (("mlp", "gate_bias"), "mlp.gate_proj.bias", "copy"),
-            (("mlp", "up_bias"), "mlp.up_proj.bias", "copy"),
-            (("mlp", "down_bias"), "mlp.down_proj.bias", "copy"),
-        ]
-    entries += [
-        TensorMap(("model", "layers", *path), layer + name, layout, stacked=True)
-        for path, name, layout in stacked
-    ]
-    return entries
+def tensor_map(config: ModelConfig, prefix: str = "model.") -> list[TensorMap]:
+    """The family's name map of a model config (backbone tensors under `prefix`)."""
+    return family_named(config.family).tensor_map(config, prefix)
 
 
 def hf_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -278,7 +195,7 @@ def _detect_prefix(names: set[str]) -> str:
     return "model." if any(n.startswith("model.") for n in names) else ""
 
 
-def abstract_reward_model(config: LlamaConfig) -> tuple[nnx.GraphDef, nnx.State]:
+def abstract_reward_model(config: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
     """Graph and abstract state (shapes, dtypes, sharding names) without allocating weights."""
     abstract = nnx.eval_shape(lambda: RewardModel(config, rngs=nnx.Rngs(0)))
     return nnx.split(abstract)
@@ -290,7 +207,7 @@ def check_model_sharding(
     """A mesh checked against a model's config.json alone (no weights): refuses, in one line, one
     that leaves more than `MAX_REPLICATED_SHARE` of the parameters replicated; returns those it
     leaves replicated."""
-    _, abstract = abstract_reward_model(llama_config_from_hf(hf_config))
+    _, abstract = abstract_reward_model(model_config_from_hf(hf_config))
     return check_replication(abstract, mesh, report=report)
 
 
@@ -310,10 +227,10 @@ def load_reward_model(
     replication_limit: float | None = None,
     **runtime: Any,
 ) -> tuple[RewardModel, dict[str, Any], ImportReport]:
-    """Loads an HF Llama checkpoint as a sharded RewardModel.
+    """Loads an HF checkpoint of a supported family as a sharded RewardModel.
 
-    A causal-LM (or bare LlamaModel) checkpoint gives the backbone and a fresh score head; a
-    `LlamaForSequenceClassification` checkpoint keeps its `score.weight` unless
+    A causal-LM (or bare backbone) checkpoint gives the backbone and a fresh score head; a
+    `*ForSequenceClassification` checkpoint keeps its `score.weight` unless
     `reinit_score_head`. When `min_vocab_size` exceeds the embedding (a tokenizer with added
     tokens), the embedding grows to a multiple of 8 with new rows set to the mean of the old ones.
     Parameters that the mesh leaves replicated against the sharding rules are logged; more than
@@ -323,7 +240,7 @@ def load_reward_model(
     """
     model_dir = resolve_model_dir(model_name_or_path, revision)
     hf_config = read_hf_config(model_dir)
-    config = llama_config_from_hf(hf_config, **runtime)
+    config = model_config_from_hf(hf_config, **runtime)
     reader = WeightFiles(model_dir)
     names = reader.names()
     prefix = _detect_prefix(names)
@@ -380,7 +297,7 @@ def _check_tensors(
     reader: WeightFiles,
     entries: list[TensorMap],
     leaves: dict[tuple[str, ...], nnx.Variable],
-    config: LlamaConfig,
+    config: ModelConfig,
     old_vocab: int,
     include_head: bool,
 ) -> None:
@@ -472,7 +389,7 @@ def _init_score_head(
 
 def iter_hf_tensors(
     params: dict[tuple[str, ...], Callable[[int | None], np.ndarray]],
-    config: LlamaConfig,
+    config: ModelConfig,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """(hf name, HF-layout array) one tensor at a time; `params[path](layer)` fetches a block."""
     for entry in tensor_map(config):

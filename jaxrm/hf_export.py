@@ -1,11 +1,11 @@
-"""Export a training checkpoint as an HF `LlamaForSequenceClassification` directory (the library
+"""Export a training checkpoint as an HF `*ForSequenceClassification` directory (the library
 behind `python -m jaxrm.export`, also called by training's final export).
 
 The result loads with `AutoModelForSequenceClassification.from_pretrained(DIR)` (PyTorch PPO):
-- `config.json`: the source model's config (every Llama field, vocab size as trained) with
-  `architectures: ["LlamaForSequenceClassification"]`, one label (`id2label {0: LABEL_0}`, so
-  `num_labels == 1`), the tokenizer's `pad_token_id`, and `dtype` (transformers 5) plus
-  `torch_dtype` (older readers).
+- `config.json`: the source model's config (every field, vocab size as trained) with
+  `architectures` its family's class (e.g. `LlamaForSequenceClassification`), one label
+  (`id2label {0: LABEL_0}`, so `num_labels == 1`), the tokenizer's `pad_token_id`, and `dtype`
+  (transformers 5) plus `torch_dtype` (older readers).
 - Reward statistics over the eval set, when training computed them (checkpoint meta
   `reward_stats`): `mean` and `std` at the top level of config.json, the keys OpenRLHF's reward
   model reads from its config (`get_llm_for_sequence_regression`), plus `normalize_reward: false`
@@ -67,11 +67,11 @@ from jaxrm.hf import (
     abstract_reward_model,
     hf_shape,
     iter_hf_tensors,
-    llama_config_from_hf,
     state_leaves,
     tensor_map,
 )
-from jaxrm.models.llama import LlamaConfig
+from jaxrm.models.families import family_of, model_config_from_hf
+from jaxrm.models.family import ModelConfig
 from jaxrm.rundir import (
     TargetLock,
     enclosing_run_dir,
@@ -86,14 +86,11 @@ TEMPORARIES = ("export-tmp", "old")
 HF_SUBDIR = "hf"  # a training run's own export: OUTPUT/hf
 EXPORT_MARKER = ".jaxrm-export.json"  # what marks a directory as an export jaxrm wrote
 
-ARCHITECTURE = "LlamaForSequenceClassification"
-
-
 # ----------------------------------------------------------------------------------------------
 # Planning the tensors
 
 
-def plan_tensors(config: LlamaConfig, dtype: np.dtype) -> list[PlannedTensor]:
+def plan_tensors(config: ModelConfig, dtype: np.dtype) -> list[PlannedTensor]:
     """Every HF tensor of the export in `iter_hf_tensors` order, with its full HF shape."""
     _, abstract = abstract_reward_model(config)
     leaves = state_leaves(abstract)
@@ -110,7 +107,7 @@ def plan_tensors(config: LlamaConfig, dtype: np.dtype) -> list[PlannedTensor]:
 # Parameters: restore sharded, gather one tensor at a time
 
 
-def abstract_params(config: LlamaConfig, mesh: Mesh) -> dict:
+def abstract_params(config: ModelConfig, mesh: Mesh) -> dict:
     """The pure-dict params tree as `jax.ShapeDtypeStruct`s in the training layout on `mesh`."""
     _, abstract = abstract_reward_model(config)
     shardings = state_shardings(abstract, mesh)
@@ -162,7 +159,7 @@ def export_config(
     for key in ("num_labels", "_num_labels"):
         config.pop(key, None)
     config.update(
-        architectures=[ARCHITECTURE],
+        architectures=[family_of(hf_config).exported_class],
         id2label={"0": "LABEL_0"},
         label2id={"LABEL_0": 0},
         pad_token_id=int(pad_token_id),
@@ -347,7 +344,7 @@ def export_checkpoint(
     if not tokenizer_path.is_dir():
         raise UserError(f"tokenizer directory {tokenizer_path} (saved by training) does not exist")
     hf_config = meta["hf_config"]
-    config = llama_config_from_hf(hf_config)
+    config = model_config_from_hf(hf_config)
     pad_id = _pad_token_id(tokenizer_path)
     plan = plan_tensors(config, weight_dtype)
 

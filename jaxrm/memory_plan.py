@@ -54,9 +54,10 @@ from jaxrm.data.batch import FIELDS, PACKED_FIELDS, Field, batch_shardings
 from jaxrm.distributed import batch_sizes
 from jaxrm.dtypes import BY_NAME
 from jaxrm.errors import UserError, exit_on_user_error
-from jaxrm.hf import abstract_reward_model, llama_config_from_hf, model_architecture
+from jaxrm.hf import abstract_reward_model, model_architecture
 from jaxrm.hf import read_config_file as read_model_config
 from jaxrm.logs import setup_logging
+from jaxrm.models.families import model_config_from_hf
 from jaxrm.objective import METRIC_SUM_KEYS, Objective
 from jaxrm.optimizer import make_optimizer
 from jaxrm.sharding import (
@@ -140,7 +141,7 @@ def plan(
     else:
         hf_config, source = model_architecture(cfg.model_name_or_path, cfg.model_revision or None)
     dtype, attention, remat = execution(cfg)
-    config = llama_config_from_hf(
+    config = model_config_from_hf(
         hf_config,
         dtype=BY_NAME[dtype],
         param_dtype=BY_NAME[cfg.param_dtype],
@@ -299,7 +300,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         type=int,
         help="padded layout: pairs per device per micro-batch (the pairs per step follow)",
     )
-    parser.add_argument("--remat_policy", help="none, full, dots, ... (jaxrm.models.llama)")
+    parser.add_argument("--remat_policy", help="none, full, dots, ... (jaxrm.models.remat)")
     parser.add_argument("--model_config", help="a config.json to plan instead of the model's")
     parser.add_argument("--memory_gb", type=float, default=80.0, help="memory per device, GB")
     parser.add_argument(

@@ -1,4 +1,4 @@
-"""`python -m jaxrm.score`: reward every conversation of a data file with a Llama reward model.
+"""`python -m jaxrm.score`: reward every conversation of a data file with an HF reward model.
 
     python -m jaxrm.score --model DIR_OR_HUB_ID_OR_RUN_DIR [--step N] --data FILE --output FILE
         [--batch_size 16] [--dtype float32|bfloat16] [--tokenizer DIR]

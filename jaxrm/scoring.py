@@ -27,7 +27,6 @@ from jaxrm.dtypes import EXPORT_DTYPES, dtype_named
 from jaxrm.errors import UserError
 from jaxrm.hf import (
     abstract_reward_model,
-    llama_config_from_hf,
     load_reward_model,
     read_hf_config,
     resolve_model_dir,
@@ -35,7 +34,8 @@ from jaxrm.hf import (
     tensor_map,
 )
 from jaxrm.hf_export import abstract_params
-from jaxrm.models.llama import LlamaConfig
+from jaxrm.models.families import model_config_from_hf
+from jaxrm.models.family import ModelConfig
 from jaxrm.sharding import activation_sharding, data_parallel_size, gather_to_host
 
 
@@ -95,7 +95,7 @@ def load_model(
     non-finite weight is refused (`check_finite`)."""
     compute = dtype_named(dtype, EXPORT_DTYPES, "--dtype")
     if source.run_dir is not None:
-        config = llama_config_from_hf(source.meta["hf_config"], dtype=compute, attention="flash")
+        config = model_config_from_hf(source.meta["hf_config"], dtype=compute, attention="flash")
         if vocab_size is not None and vocab_size > config.vocab_size:
             raise UserError(
                 f"the tokenizer has {vocab_size} tokens, more than the {config.vocab_size} "
@@ -119,11 +119,11 @@ def load_model(
             "freshly initialized head",
             file=sys.stderr,
         )
-    check_finite(model, llama_config_from_hf(hf_config), source.describe())
+    check_finite(model, model_config_from_hf(hf_config), source.describe())
     return model, source
 
 
-def check_finite(model: nnx.Module, config: LlamaConfig, where: str) -> None:
+def check_finite(model: nnx.Module, config: ModelConfig, where: str) -> None:
     """Refuses a model holding a non-finite weight (every reward would be NaN or meaningless), in
     one line naming the first such tensor by its HF name. Checked on the devices: only one flag
     per tensor (per layer) comes to the host."""

@@ -49,13 +49,13 @@ from jaxrm.errors import (
 from jaxrm.hf import (
     abstract_reward_model,
     check_model_sharding,
-    llama_config_from_hf,
     load_reward_model,
     model_architecture,
     read_hf_config,
     resolve_model_dir,
 )
 from jaxrm.logs import setup_logging
+from jaxrm.models.families import model_config_from_hf
 from jaxrm.objective import METRIC_SUM_KEYS, Objective, finalize_metrics
 from jaxrm.optimizer import current_lr, make_optimizer, make_schedule
 from jaxrm.preemption import StopRequest
@@ -183,7 +183,7 @@ def check_drift(
 
 def disk_needed(cfg: ml_collections.ConfigDict, hf_config: dict[str, Any]) -> tuple[int, str]:
     """(bytes, what) for one more checkpoint (params + Adam moments) and the HF export."""
-    _, abstract = abstract_reward_model(llama_config_from_hf(hf_config))
+    _, abstract = abstract_reward_model(model_config_from_hf(hf_config))
     count = sum(math.prod(v.shape) for v in jax.tree.leaves(abstract))
     needed = 3 * count * BY_NAME[cfg.param_dtype].itemsize
     what = "a checkpoint"

@@ -22,6 +22,7 @@ from jaxrm.checkpoint import Checkpointer
 from jaxrm.errors import EXIT_USER_ERROR, UserError
 from jaxrm.hf import load_reward_model
 from jaxrm.hf_export import export_checkpoint
+from jaxrm.models.llama_hf import LLAMA
 from jaxrm.optimizer import make_optimizer
 from jaxrm.score import main as score_main
 from jaxrm.scoring import load_model, locate_model, score_token_ids
@@ -88,7 +89,7 @@ def torch_rewards(path, ids, pad_id, **kwargs):
         path, output_loading_info=True, **kwargs
     )
     assert all(not v for v in info.values()), info  # no missing/unexpected/mismatched keys
-    assert model.config.num_labels == 1 and type(model).__name__ == hf_export.ARCHITECTURE
+    assert model.config.num_labels == 1 and type(model).__name__ == LLAMA.exported_class
     width = max(map(len, ids))
     batch = torch.full((len(ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
@@ -246,7 +247,7 @@ def test_non_finite_weights_and_stats_are_never_exported(trained, tmp_path):
     shutil.copytree(trained[0], run)
     _, meta = read_meta(run)
     abstract = hf_export.abstract_params(
-        hf_export.llama_config_from_hf(meta["hf_config"]), make_mesh(1, -1, 1)
+        hf_export.model_config_from_hf(meta["hf_config"]), make_mesh(1, -1, 1)
     )
     _, params = restore_params(run, 3, abstract)
     params["model"]["norm"]["weight"] = params["model"]["norm"]["weight"].at[5].set(np.nan)
@@ -490,7 +491,7 @@ def test_damaged_newest_checkpoint_falls_back_quietly(trained, tmp_path, monkeyp
     monkeypatch.setattr(sys, "unraisablehook", leftovers.append)
     _, meta = hf_export.read_meta(run, 3)
     abstract = hf_export.abstract_params(
-        hf_export.llama_config_from_hf(meta["hf_config"]), make_mesh(1, -1, 1)
+        hf_export.model_config_from_hf(meta["hf_config"]), make_mesh(1, -1, 1)
     )
     for _ in range(5):
         assert hf_export.restore_params_and_meta(run, None, abstract)[0] == 3

@@ -5,6 +5,7 @@ a function. Only an `if __name__ == "__main__":` block may."""
 from __future__ import annotations
 
 import ast
+from collections.abc import Callable
 from pathlib import Path
 
 import jaxrm
@@ -70,19 +71,22 @@ def imported_names(module: str, tree: ast.AST) -> list[tuple[int, str]]:
     return found
 
 
-def command_imports() -> list[str]:
-    offences = []
+def offences(find: Callable[[str, ast.AST], list[tuple[int, str]]]) -> list[str]:
+    """"path:line imports name" for each (line, name) `find(module, tree)` flags in jaxrm/."""
+    found = []
     for path in sorted(PACKAGE_DIR.rglob("*.py")):
-        module = module_name(path)
         tree = ast.parse(path.read_text(), filename=str(path))
-        for line, name in imported_names(module, tree):
-            if name in COMMANDS and name != module:
-                offences.append(f"{path.relative_to(PACKAGE_DIR.parent)}:{line} imports {name}")
-    return offences
+        for line, name in find(module_name(path), tree):
+            found.append(f"{path.relative_to(PACKAGE_DIR.parent)}:{line} imports {name}")
+    return found
+
+
+def command_offences(module: str, tree: ast.AST) -> list[tuple[int, str]]:
+    return [(line, n) for line, n in imported_names(module, tree) if n in COMMANDS and n != module]
 
 
 def test_no_module_imports_a_command():
-    assert command_imports() == []
+    assert offences(command_offences) == []
 
 
 def test_the_reader_sees_every_kind_of_import():
@@ -104,3 +108,40 @@ if __name__ == "__main__":
 def test_the_command_list_names_real_modules():
     for name in COMMANDS:
         assert (PACKAGE_DIR.parent / f"{name.replace('.', '/')}.py").is_file(), name
+
+
+# A model family is the business of jaxrm/models/: the rest of the package reaches it through
+# jaxrm.models.families (config.json -> model config, tensor names, exported class, backbone).
+FAMILY_NAMES = ("llama_config_from_hf", "LlamaModel", "LlamaConfig")
+
+
+def family_offences(module: str, tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, name) of each import of family-specific code by a module outside jaxrm.models."""
+    if module.startswith("jaxrm.models"):
+        return []
+    return [
+        (line, name)
+        for line, name in imported_names(module, tree)
+        if name.startswith("jaxrm.models.llama") or name.rsplit(".", 1)[-1] in FAMILY_NAMES
+    ]
+
+
+def test_no_module_outside_models_imports_a_family():
+    assert offences(family_offences) == []
+
+
+def test_the_family_reader_sees_each_family_import():
+    source = """
+import jaxrm.models.llama
+from jaxrm.hf import llama_config_from_hf
+from jaxrm.models.attention import ATTENTION_IMPLEMENTATIONS
+def f():
+    from jaxrm.models.reward import LlamaModel, RewardModel
+"""
+    found = {name for _, name in family_offences("jaxrm.train", ast.parse(source))}
+    assert found == {
+        "jaxrm.models.llama",
+        "jaxrm.hf.llama_config_from_hf",
+        "jaxrm.models.reward.LlamaModel",
+    }
+    assert family_offences("jaxrm.models.reward", ast.parse(source)) == []

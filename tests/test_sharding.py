@@ -17,7 +17,8 @@ from jax.sharding import AxisType, PartitionSpec
 from jaxrm import devices
 from jaxrm.assets import TINY_MODEL_DIR
 from jaxrm.errors import UserError
-from jaxrm.hf import abstract_reward_model, llama_config_from_hf, load_reward_model
+from jaxrm.hf import abstract_reward_model, load_reward_model
+from jaxrm.models.llama_hf import llama_config_from_hf
 from jaxrm.sharding import (
     MAX_REPLICATED_SHARE,
     check_replication,

@@ -27,8 +27,8 @@ from safetensors.numpy import load_file
 from jaxrm.assets import TINY_EVAL_FILE, TINY_MODEL_DIR
 from jaxrm.checkpoint import read_meta, restore_params
 from jaxrm.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
-from jaxrm.hf import llama_config_from_hf
 from jaxrm.hf_export import abstract_params
+from jaxrm.models.llama_hf import llama_config_from_hf
 from jaxrm.rundir import LOCK_FILE
 from jaxrm.sharding import make_mesh
 from jaxrm.tracking import keep_metrics_until, read_metrics

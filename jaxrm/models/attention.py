@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 DEFAULT_BLOCK = 128
+ATTENTION_IMPLEMENTATIONS = ("flash", "xla", "cudnn")
 
 
 # ----------------------------------------------------------------------------------------------

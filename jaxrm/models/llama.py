@@ -7,7 +7,7 @@ stays flat in depth, optionally rematerialized. Parameters are `param_dtype` (fl
 weights); matmuls run in `dtype`. No dropout anywhere: the reward model is deterministic.
 
 Parameter layouts (logical axis names in brackets) differ from HF's only by transposes/reshapes,
-done once at import (jaxrm/hf.py):
+done once at import (jaxrm/hf.py, by the names in jaxrm/models/llama_hf.py):
   embed_tokens.embedding [vocab, embed]        q_proj.kernel [embed, heads, head_dim]
   k_proj/v_proj.kernel   [embed, kv_heads, head_dim]   o_proj.kernel [heads, head_dim, embed]
   gate/up_proj.kernel    [embed, mlp]          down_proj.kernel [mlp, embed]
@@ -24,29 +24,19 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxrm.models.attention import DEFAULT_BLOCK, causal_attention, packed_attention
+from jaxrm.models.attention import (
+    ATTENTION_IMPLEMENTATIONS,
+    DEFAULT_BLOCK,
+    causal_attention,
+    packed_attention,
+)
+from jaxrm.models.remat import REMAT_POLICIES
 from jaxrm.sharding import activation_specs, constrain
 
 Segments = tuple[jax.Array, jax.Array] | None  # (segment_ids, branch_ids) of packed rows
 Q_NAMES = ("batch", "length", "act_heads", None)
 KV_NAMES = ("batch", "length", "act_kv_heads", None)
 ROW_NAMES = ("batch", "length")
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_attn_mlp_out": jax.checkpoint_policies.save_only_these_names("attn_out", "mlp_out"),
-    "offload_attn_mlp_out": jax.checkpoint_policies.save_and_offload_only_these_names(
-        names_which_can_be_saved=(),
-        names_which_can_be_offloaded=("attn_out", "mlp_out"),
-        offload_src="device",
-        offload_dst="pinned_host",
-    ),
-}
-
-ATTENTION_IMPLEMENTATIONS = ("flash", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +57,7 @@ class LlamaConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
+    family: str = "llama"  # the adapter that made it (jaxrm.models.families)
     # how to run it
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32

@@ -1,4 +1,5 @@
-"""RewardModel = Llama backbone + a one-output score head read at each row's last real token."""
+"""RewardModel = a family's backbone + a one-output score head read at each row's last real
+token."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxrm.models.llama import LlamaConfig, LlamaModel
+from jaxrm.models.families import family_named
+from jaxrm.models.family import ModelConfig
 
 
 def score_head_stddev(hidden_size: int) -> float:
@@ -29,13 +31,13 @@ class RewardModel(nnx.Module):
     """Returns one float32 reward per right-padded row.
 
     The head is `nnx.Linear(hidden, 1, use_bias=False)` in float32, applied to the final-norm hidden
-    state at the last real token: the same number transformers' `LlamaForSequenceClassification`
+    state at the last real token: the same number transformers' `*ForSequenceClassification`
     reports for right-padded rows, computed in float32 even when the backbone runs in bf16.
     """
 
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.model = LlamaModel(config, rngs=rngs)
+        self.model = family_named(config.family).backbone(config, rngs=rngs)
         self.score = nnx.Linear(
             config.hidden_size,
             1,

@@ -1,0 +1,41 @@
+"""The model families jaxrm reads, found by config.json's `model_type` (or a model config's
+`family`): the one door from the rest of jaxrm to family-specific code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jaxrm.errors import UserError
+from jaxrm.models.family import Family, ModelConfig
+from jaxrm.models.llama_hf import LLAMA
+
+FAMILIES: tuple[Family, ...] = (LLAMA,)
+
+
+def supported_model_types() -> list[str]:
+    return [t for family in FAMILIES for t in family.model_types]
+
+
+def family_of(hf_config: dict[str, Any], where: str = "config.json") -> Family:
+    """The family of a config.json; an unknown `model_type` is one line naming the supported."""
+    model_type = hf_config.get("model_type")
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    raise UserError(
+        f"{where}: unsupported model_type {model_type!r} (jaxrm supports "
+        f"{', '.join(supported_model_types())})"
+    )
+
+
+def family_named(name: str) -> Family:
+    """The family that made a model config (`config.family`)."""
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise ValueError(f"no model family {name!r}")
+
+
+def model_config_from_hf(hf_config: dict[str, Any], **execution: Any) -> ModelConfig:
+    """The model config of a config.json, by its family's adapter."""
+    return family_of(hf_config).config_from_hf(hf_config, **execution)
