@@ -10,6 +10,10 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxrm.models.attention import (
+    ATTENTION_IMPLEMENTATIONS,
+    KERNELS,
+    Mask,
+    attend,
     flash_attention,
     live_blocks,
     packed_attention,
@@ -170,3 +174,21 @@ def test_per_device_under_a_mesh_equals_one_device():
     )
     real = np.asarray(seg > 0)[..., None, None]
     np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), atol=2e-6)
+
+
+def test_one_entry_point_runs_what_the_table_says_for_each_mask():
+    """`attend`: a mask without segments is causal (cudnn and xla, flash falls back to xla), one
+    with segments is packed (flash or xla; no branch ids = all shared); anything else refused."""
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 64, 4, 8)), jnp.float32) for _ in range(3))
+    assert set(KERNELS["causal"]) == set(ATTENTION_IMPLEMENTATIONS)
+    causal = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    np.testing.assert_allclose(attend(q, k, v, Mask(), "flash"), causal, atol=1e-6)
+    seg = jnp.asarray(np.repeat([[1] * 40 + [2] * 20 + [0] * 4], 2, axis=0), jnp.int32)
+    want = packed_attention_reference(q, k, v, seg, jnp.zeros_like(seg))
+    for implementation in ("flash", "xla"):
+        got = attend(q, k, v, Mask(seg), implementation, block=16)
+        np.testing.assert_allclose(got[:, :60], want[:, :60], atol=2e-6)
+    refused = "packed rows need attention 'flash' or 'xla', not 'cudnn'"
+    with pytest.raises(ValueError, match=refused):
+        attend(q, k, v, Mask(seg), "cudnn")

@@ -1,5 +1,8 @@
 """Attention kernels: causal over right-padded rows, and over packed rows of segments.
 
+The model makes one `Mask` (no segments: causal; segments: packed) and calls one entry point,
+`attend`, whose table `KERNELS` says which implementation runs for that kind of mask.
+
 Layouts. q: [B, T, H, Dh]; k, v: [B, T, K, Dh] with H a multiple of K (GQA).
 
 - Right-padded rows (the reference layout): causal attention needs no mask beyond causality,
@@ -29,6 +32,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,14 +44,62 @@ ATTENTION_IMPLEMENTATIONS = ("flash", "xla", "cudnn")
 
 
 # ----------------------------------------------------------------------------------------------
+# The one entry point: a mask, and the table of what runs for each kind of mask
+
+
+class Mask(NamedTuple):
+    """Which keys each query reads: causal within its row, and with `segment_ids` (and
+    `branch_ids`, zeros when None) the packed rule of the module docstring."""
+
+    segment_ids: jax.Array | None = None
+    branch_ids: jax.Array | None = None
+
+    @property
+    def kind(self) -> str:
+        return "causal" if self.segment_ids is None else "packed"
+
+    def branches(self) -> jax.Array:
+        return jnp.zeros_like(self.segment_ids) if self.branch_ids is None else self.branch_ids
+
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: Mask,
+    implementation: str,
+    block: int = DEFAULT_BLOCK,
+    mesh: jax.sharding.Mesh | None = None,
+    specs: tuple[PartitionSpec, PartitionSpec, PartitionSpec] | None = None,
+) -> jax.Array:
+    """Attention under `mask` by `implementation`, as `KERNELS` says; `block`, `mesh` and `specs`
+    (q/k specs, row spec) are for `flash`, which runs per device under `mesh`."""
+    kernels = KERNELS[mask.kind]
+    if implementation not in kernels:
+        raise ValueError(
+            f"{mask.kind} rows need attention {' or '.join(map(repr, kernels))}, "
+            f"not {implementation!r}"
+        )
+    return kernels[implementation](q, k, v, mask, block, mesh, specs)
+
+
+# ----------------------------------------------------------------------------------------------
 # Right-padded rows
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax.Array:
-    """Causal softmax attention over right-padded rows (`xla` or `cudnn`)."""
-    scale = q.shape[-1] ** -0.5
-    impl = "cudnn" if implementation == "cudnn" else None
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale, implementation=impl)
+    """Causal softmax attention over right-padded rows (see `KERNELS["causal"]`)."""
+    return attend(q, k, v, Mask(), implementation)
+
+
+def _causal(implementation: str | None) -> Callable[..., jax.Array]:
+    def kernel(q: jax.Array, k: jax.Array, v: jax.Array, *_: object) -> jax.Array:
+        scale = q.shape[-1] ** -0.5
+        return jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, scale=scale, implementation=implementation
+        )
+
+    return kernel
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,14 +134,27 @@ def packed_attention(
     mesh: jax.sharding.Mesh | None = None,
     specs: tuple[PartitionSpec, PartitionSpec, PartitionSpec] | None = None,
 ) -> jax.Array:
-    """Attention over packed rows; `flash` runs per device under `mesh` (q/k specs, row spec)."""
-    if implementation == "xla":
-        return packed_attention_reference(q, k, v, segment_ids, branch_ids)
-    if implementation != "flash":
-        raise ValueError(f"packed rows need attention 'flash' or 'xla', not {implementation!r}")
+    """Attention over packed rows (see `KERNELS["packed"]`)."""
+    return attend(q, k, v, Mask(segment_ids, branch_ids), implementation, block, mesh, specs)
+
+
+def _packed_xla(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, *_: object) -> jax.Array:
+    return packed_attention_reference(q, k, v, mask.segment_ids, mask.branches())
+
+
+def _packed_flash(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: Mask,
+    block: int,
+    mesh: jax.sharding.Mesh | None,
+    specs: tuple[PartitionSpec, PartitionSpec, PartitionSpec] | None,
+) -> jax.Array:
     if q.shape[1] % block:
         raise ValueError(f"packed length {q.shape[1]} is not a multiple of the block {block}")
     kernel = functools.partial(flash_attention, block=block)
+    segment_ids, branch_ids = mask.segment_ids, mask.branches()
     if mesh is None or specs is None:
         return kernel(q, k, v, segment_ids, branch_ids)
     q_spec, kv_spec, row_spec = specs
@@ -290,3 +356,11 @@ def _flash_backward(block, residuals, d_out):
 flash_attention.defvjp(
     lambda q, k, v, seg, br, block: _flash_forward(q, k, v, seg, br, block), _flash_backward
 )
+
+
+# What runs for each kind of mask, by `attention` name. A right-padded row under `flash` without a
+# mask runs `xla` (RewardModel gives flash a padding segment, so it never asks for this).
+KERNELS: dict[str, dict[str, Callable[..., jax.Array]]] = {
+    "causal": {"xla": _causal(None), "cudnn": _causal("cudnn"), "flash": _causal(None)},
+    "packed": {"flash": _packed_flash, "xla": _packed_xla},
+}

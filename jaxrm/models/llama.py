@@ -24,16 +24,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxrm.models.attention import (
-    ATTENTION_IMPLEMENTATIONS,
-    DEFAULT_BLOCK,
-    causal_attention,
-    packed_attention,
-)
+from jaxrm.models.attention import ATTENTION_IMPLEMENTATIONS, DEFAULT_BLOCK, Mask, attend
 from jaxrm.models.remat import REMAT_POLICIES
 from jaxrm.sharding import activation_specs, constrain
 
-Segments = tuple[jax.Array, jax.Array] | None  # (segment_ids, branch_ids) of packed rows
 Q_NAMES = ("batch", "length", "act_heads", None)
 KV_NAMES = ("batch", "length", "act_kv_heads", None)
 ROW_NAMES = ("batch", "length")
@@ -165,7 +159,7 @@ class Attention(nnx.Module):
         return y
 
     def __call__(
-        self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: Segments
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: Mask
     ) -> jax.Array:
         c = self.config
         q = apply_rope(self._project(x, self.q_kernel, "q_bias"), cos, sin)
@@ -174,12 +168,12 @@ class Attention(nnx.Module):
         q = constrain(q, Q_NAMES)
         k = constrain(k, KV_NAMES)
         v = constrain(v, KV_NAMES)
-        if segments is None:
-            out = causal_attention(q, k, v, c.attention)
-        else:
-            block = math.gcd(q.shape[1], c.attention_block_size)
-            mesh_and_specs = activation_specs((Q_NAMES, KV_NAMES, ROW_NAMES), (q, k, segments[0]))
-            out = packed_attention(q, k, v, *segments, c.attention, block, *mesh_and_specs)
+        block = math.gcd(q.shape[1], c.attention_block_size)
+        mesh_and_specs = (None, None)
+        if mask.kind == "packed":
+            rows = mask.segment_ids
+            mesh_and_specs = activation_specs((Q_NAMES, KV_NAMES, ROW_NAMES), (q, k, rows))
+        out = attend(q, k, v, mask, c.attention, block, *mesh_and_specs)
         y = jnp.einsum("btnh,nhd->btd", out, self.o_kernel.value.astype(c.dtype))
         if c.attention_bias:
             y = y + self.o_bias.value.astype(c.dtype)
@@ -221,9 +215,9 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(config, rngs=rngs)
 
     def __call__(
-        self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: Segments
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: Mask
     ) -> jax.Array:
-        attn_out = self.self_attn(self.input_layernorm(x), cos, sin, segments)
+        attn_out = self.self_attn(self.input_layernorm(x), cos, sin, mask)
         x = x + checkpoint_name(attn_out, "attn_out")
         mlp_out = self.mlp(self.post_attention_layernorm(x))
         x = x + checkpoint_name(mlp_out, "mlp_out")
@@ -268,16 +262,11 @@ class LlamaModel(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         cos, sin = rope_cos_sin(c, positions)
-        segments = None
-        if segment_ids is not None:
-            segments = (
-                segment_ids,
-                jnp.zeros_like(segment_ids) if branch_ids is None else branch_ids,
-            )
+        mask = Mask(segment_ids, branch_ids)
         graphdef, layer_state = nnx.split(self.layers)
 
         def layer_step(carry: jax.Array, state) -> tuple[jax.Array, None]:
-            return nnx.merge(graphdef, state)(carry, cos, sin, segments), None
+            return nnx.merge(graphdef, state)(carry, cos, sin, mask), None
 
         policy = REMAT_POLICIES[c.remat_policy]
         if c.remat_policy != "none":
