@@ -12,17 +12,12 @@ import pytest
 from jaxrm.assets import TINY_MODEL_DIR
 from jaxrm.errors import EXIT_USER_ERROR
 from jaxrm.train import main as train_main
+from tests.test_train_cli import SHORT_RUN
 
 
 def common(model_dir: Path, output: Path) -> list[str]:
     return [
-        "--config",
-        "configs/tiny.py",
-        "--config.progress_bar=False",
-        "--config.logging_steps=1",
-        "--config.export_hf=False",
-        "--config.dataset_mixer_eval_list=[]",
-        "--config.total_train_batch_size=8",
+        *SHORT_RUN,
         "--config.max_train_steps=4",
         "--config.checkpointing_steps=2",
         f"--config.model_name_or_path={model_dir}",
