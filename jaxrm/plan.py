@@ -73,10 +73,13 @@ class OptimizerArgs:
             self.learning_rate, total_steps, self.lr_scheduler_type, warmup_ratio=self.warmup_ratio
         )
 
-    def optimizer(self, schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
-        """The optimizer following `schedule` (None: a constant one, with the same state)."""
+    def optimizer(
+        self, schedule: optax.Schedule | float | None = None
+    ) -> optax.GradientTransformation:
+        """The optimizer following `schedule` (None: a constant schedule, whose state is the
+        training state's; a float: no schedule state at all)."""
         return make_optimizer(
-            schedule or optax.constant_schedule(self.learning_rate),
+            optax.constant_schedule(self.learning_rate) if schedule is None else schedule,
             weight_decay=self.weight_decay,
             b1=self.b1,
             b2=self.b2,
@@ -105,11 +108,6 @@ class RunPlan:
     @property
     def data_parallel(self) -> int:
         return data_parallel_size(self.mesh)
-
-    def shardings(self) -> tuple[Any, Any]:
-        """(param shardings, (params, opt_state) shardings) of the train state."""
-        params = jax.tree.map(lambda x: x.sharding, self.params)
-        return params, jax.tree.map(lambda x: x.sharding, (params, self.opt_state))
 
 
 def model_config(hf_config: dict[str, Any], **runtime: Any) -> LlamaConfig:
