@@ -32,7 +32,13 @@ from tqdm import tqdm
 
 from jaxrm import data
 from jaxrm.backends import with_execution
-from jaxrm.checkpoint import Checkpointer, read_meta, restore_train_state, sync_processes
+from jaxrm.checkpoint import (
+    Checkpointer,
+    read_meta,
+    restore_train_state,
+    sync_processes,
+    tokenizer_dir,
+)
 from jaxrm.config import check_context_length, config_drift, get_config, to_dict
 from jaxrm.data import packing
 from jaxrm.distributed import initialize_distributed
@@ -108,7 +114,8 @@ class Restored:
 class RunStart:
     """What the output directory says about this run before any work is done."""
 
-    model_dir: Path
+    model_dir: Path | None  # the HF model's files: a fresh start's weights (None on a resume)
+    tokenizer: str  # where the tokenizer is loaded from
     plan: RunPlan  # on a resume, with the checkpoint's embedding size
     restored: Restored | None  # the newest readable checkpoint (None: a fresh start)
 
@@ -142,18 +149,21 @@ def prepare_output_dir(
             clear_run_outputs(output_dir)
         sync_processes("jaxrm.train.cleared")
         previous = []
-    model_dir = resolve_model_dir(cfg.model_name_or_path, cfg.model_revision or None)
-    restored = None
+    model_dir, restored = None, None
     if "checkpoints" in previous:
         plan, restored = restore_run(cfg, plan, layout, output_dir)
+        tokenizer = str(tokenizer_dir(output_dir, restored.meta))  # the run's own copy
     elif previous:
         raise UserError(
             f"output_dir {output_dir} holds {previous[0]} but no checkpoint to resume from; "
             "pick a new output_dir, or pass --config.overwrite_output_dir=true "
             "--config.resume=false to replace it"
         )
+    else:
+        model_dir = resolve_model_dir(cfg.model_name_or_path, cfg.model_revision or None)
+        tokenizer = str(model_dir)
     check_free_space(output_dir, *disk_needed(cfg, plan))
-    return RunStart(model_dir, plan, restored)
+    return RunStart(model_dir, cfg.tokenizer_name or tokenizer, plan, restored)
 
 
 def restore_run(
@@ -480,7 +490,7 @@ def run(
         )
 
     # ---- tokenizer and data
-    tokenizer = load_tokenizer(cfg.tokenizer_name or str(run_start.model_dir))
+    tokenizer = load_tokenizer(run_start.tokenizer)
     check_pad_token(tokenizer, cfg.tokenizer_name or cfg.model_name_or_path)
     train_pairs, eval_pairs, stats = data.build_datasets(
         dataset_mixer_list=cfg.dataset_mixer_list,
