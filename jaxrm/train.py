@@ -149,37 +149,42 @@ def prepare_output_dir(
             clear_run_outputs(output_dir)
         sync_processes("jaxrm.train.cleared")
         previous = []
-    model_dir, restored = None, None
+    newest = None
     if "checkpoints" in previous:
-        plan, restored = restore_run(cfg, plan, layout, output_dir)
-        tokenizer = str(tokenizer_dir(output_dir, restored.meta))  # the run's own copy
+        newest = read_meta(output_dir)
+        check_drift(cfg, layout, plan.hf_config, newest[1], f"{output_dir} (step {newest[0]})")
     elif previous:
         raise UserError(
             f"output_dir {output_dir} holds {previous[0]} but no checkpoint to resume from; "
             "pick a new output_dir, or pass --config.overwrite_output_dir=true "
             "--config.resume=false to replace it"
         )
-    else:
-        model_dir = resolve_model_dir(cfg.model_name_or_path, cfg.model_revision or None)
-        tokenizer = str(model_dir)
     check_free_space(output_dir, *disk_needed(cfg, plan))
-    return RunStart(model_dir, cfg.tokenizer_name or tokenizer, plan, restored)
+    if newest is None:
+        model_dir = resolve_model_dir(cfg.model_name_or_path, cfg.model_revision or None)
+        return RunStart(model_dir, cfg.tokenizer_name or str(model_dir), plan, None)
+    plan, restored = restore_run(cfg, plan, layout, output_dir, newest)
+    tokenizer = cfg.tokenizer_name or str(tokenizer_dir(output_dir, restored.meta))
+    return RunStart(None, tokenizer, plan, restored)
 
 
 def restore_run(
-    cfg: ml_collections.ConfigDict, plan: RunPlan, layout: dict[str, int], output_dir: Path
+    cfg: ml_collections.ConfigDict,
+    plan: RunPlan,
+    layout: dict[str, int],
+    output_dir: Path,
+    newest: tuple[int, dict[str, Any]],
 ) -> tuple[RunPlan, Restored]:
     """The newest readable checkpoint, restored into `plan`'s abstract state (resized to the
-    trained embedding). The settings are checked against the newest metadata before any array
-    is read, and again against the restored step's when that is an older one (the newest's
+    trained embedding). `newest` is the newest metadata's (step, meta), checked before any
+    array is read; the restored step's is checked again when it is an older one (the newest's
     arrays were damaged), so the drift check always covers the step that is restored."""
-    newest, meta = read_meta(output_dir)
-    check_drift(cfg, layout, plan.hf_config, meta, f"{output_dir} (step {newest})")
+    newest_step, meta = newest
     trained = with_vocab_size(
         plan, meta.get("hf_config", {}).get("vocab_size", 0) or plan.model_config.vocab_size
     )
     restored = Restored(*restore_train_state(output_dir, trained.params, trained.opt_state))
-    if restored.step != newest:
+    if restored.step != newest_step:
         check_drift(
             cfg, layout, plan.hf_config, restored.meta, f"{output_dir} (step {restored.step})"
         )
