@@ -135,6 +135,11 @@ def with_backend_defaults(cfg: ml_collections.ConfigDict) -> ml_collections.Conf
     run = resolve_execution(
         cfg.dtype, cfg.attention, jax.default_backend(), head_dim, cfg.batch_layout
     )
+    return with_execution(cfg, run)
+
+
+def with_execution(cfg: ml_collections.ConfigDict, run: Execution) -> ml_collections.ConfigDict:
+    """A copy of `cfg` whose `dtype` and `attention` are those of `run` (logged with why)."""
     log.info("compute dtype %s, attention %s (%s)", run.dtype, run.attention, run.reason)
     resolved = cfg.copy_and_resolve_references()
     resolved.dtype, resolved.attention = run.dtype, run.attention

@@ -172,22 +172,9 @@ class Checkpointer:
         """(step, params, opt_state, data_state, meta) of `step` (None: the newest that reads),
         arrays placed in the shardings of the abstract trees (`jax.ShapeDtypeStruct`s with
         `.sharding`)."""
-        template = {"params": abstract_params, "opt_state": abstract_opt_state}
-        abstract = to_storage(template)
-
-        def read(at: int) -> dict[str, Any]:
-            return self._manager.restore(
-                at,
-                args=ocp.args.Composite(
-                    state=ocp.args.PyTreeRestore(abstract, restore_args=_restore_args(abstract)),
-                    data=ocp.args.JsonRestore(),
-                    meta=ocp.args.JsonRestore(),
-                ),
-            )
-
-        step, restored = _read_step(self._manager, self.directory, step, read)
-        state = from_storage(template, restored["state"])
-        return step, state["params"], state["opt_state"], restored["data"], restored["meta"]
+        return _restore_state(
+            self._manager, self.directory, step, abstract_params, abstract_opt_state
+        )
 
     def set_aside_newer_than(self, step: int) -> list[int]:
         """Moves the steps after `step` (unreadable ones that a resume skipped) to
@@ -240,6 +227,32 @@ class Checkpointer:
             self.close()
         except Exception:  # noqa: BLE001
             log.warning("a pending checkpoint save did not complete")
+
+
+def _restore_state(
+    manager: ocp.CheckpointManager,
+    directory: Path,
+    step: int | None,
+    abstract_params: Any,
+    abstract_opt_state: Any,
+) -> tuple[int, Any, Any, dict[str, Any] | None, dict[str, Any]]:
+    """(step, params, opt_state, data_state, meta), all of one step (see `Checkpointer.restore`)."""
+    template = {"params": abstract_params, "opt_state": abstract_opt_state}
+    abstract = to_storage(template)
+
+    def read(at: int) -> dict[str, Any]:
+        return manager.restore(
+            at,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(abstract, restore_args=_restore_args(abstract)),
+                data=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+
+    step, restored = _read_step(manager, directory, step, read)
+    state = from_storage(template, restored["state"])
+    return step, state["params"], state["opt_state"], restored["data"], restored["meta"]
 
 
 def _read_step(
@@ -399,6 +412,15 @@ def read_meta(output_dir: str | Path, step: int | None = None) -> tuple[int, dic
             return manager.restore(at, args=composite)["meta"]
 
         return _read_step(manager, directory, step, read)
+
+
+def restore_train_state(
+    output_dir: str | Path, abstract_params: Any, abstract_opt_state: Any, step: int | None = None
+) -> tuple[int, Any, Any, dict[str, Any] | None, dict[str, Any]]:
+    """`Checkpointer.restore` without a writer: (step, params, opt_state, data_state, meta) of
+    `step` (None: the newest that reads), all of that one step."""
+    with _open_read_only(output_dir) as (manager, directory):
+        return _restore_state(manager, directory, step, abstract_params, abstract_opt_state)
 
 
 def restore_params(

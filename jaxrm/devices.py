@@ -22,13 +22,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxrm.backends import AUTO, model_head_dim, resolve_execution
+from jaxrm.backends import AUTO, resolve_execution
 from jaxrm.config import base_config, get_config
-from jaxrm.data import packing
-from jaxrm.distributed import batch_sizes, initialize_distributed
+from jaxrm.distributed import initialize_distributed
 from jaxrm.errors import UserError, exit_on_user_error, first_line
-from jaxrm.hf import check_model_sharding, model_architecture
+from jaxrm.hf import model_architecture
 from jaxrm.models.attention import causal_attention, packed_attention
+from jaxrm.plan import make_plan, plan_batch, plan_pack, resolve
 from jaxrm.sharding import MAX_REPLICATED_SHARE, data_parallel_size, make_mesh
 
 # Distributions that decide what JAX can run on, reported when installed.
@@ -163,55 +163,71 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax
     return causal_attention(q, k, v, implementation)
 
 
-def execution_line(cfg: ml_collections.ConfigDict | None, backend: str) -> str:
+Architecture = tuple[dict, str] | UserError  # (config.json, where from), or why it is unreachable
+
+
+def read_architecture(cfg: ml_collections.ConfigDict) -> Architecture:
+    """The model's config.json, read once for the whole report."""
+    try:
+        return model_architecture(cfg.model_name_or_path, cfg.model_revision)
+    except UserError as e:
+        return e
+
+
+def execution_line(
+    cfg: ml_collections.ConfigDict | None, backend: str, architecture: Architecture | None = None
+) -> str:
     """The compute dtype and attention training would use on this backend."""
     if cfg is None:
         run = resolve_execution(AUTO, AUTO, backend, layout=base_config().batch_layout)
         return f"{run.dtype} compute, {run.attention} attention (what auto means on {backend})"
-    try:
-        head_dim, unchecked = model_head_dim(cfg.model_name_or_path, cfg.model_revision), ""
-    except UserError:
-        head_dim, unchecked = None, "; head_dim not checked: the model's config.json is unreachable"
-    run = resolve_execution(cfg.dtype, cfg.attention, backend, head_dim, cfg.batch_layout)
+    if isinstance(architecture, tuple):
+        run, unchecked = resolve(cfg, architecture[0], backend), ""
+    else:
+        run = resolve_execution(cfg.dtype, cfg.attention, backend, None, cfg.batch_layout)
+        unchecked = "; head_dim not checked: the model's config.json is unreachable"
     return f"{run.dtype} compute, {run.attention} attention ({run.reason}{unchecked})"
 
 
-def plan_lines(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device]) -> Iterator[str]:
-    """The mesh, per-device batch and sharding training would use, line by line; UserError at
-    the first that does not fit."""
+def plan_lines(
+    cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device], architecture: Architecture
+) -> Iterator[str]:
+    """The mesh, per-device batch and sharding training would use (its run plan), line by
+    line; UserError at the first that does not fit."""
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
     dp = data_parallel_size(mesh)
-    micro, step_pairs, eval_pairs = batch_sizes(cfg, dp)
-    per_device = micro // dp
+    batch = plan_batch(cfg, mesh)
+    pack = plan_pack(cfg, batch, dp)
+    per_device = batch.micro_pairs // dp
     shape = " x ".join(f"{axis} {size}" for axis, size in mesh.shape.items())
     yield f"mesh: {shape} over {mesh.size} devices ({dp} data-parallel)"
-    if cfg.batch_layout == "packed":
-        length, rows = packing.row_shape(
-            cfg.max_token_length, cfg.pack_length, cfg.pack_rows_per_device
-        )
+    if pack is not None:
         shared = ", prompts shared" if cfg.prefix_sharing else ""
         yield (
-            f"train: {step_pairs} pairs per optimizer step, packed{shared}: micro-batches of "
-            f"{rows} row(s) of {length} tokens per device, as many as the step's pairs fill"
+            f"train: {batch.step_pairs} pairs per optimizer step, packed{shared}: micro-batches "
+            f"of {pack.rows} row(s) of {pack.length} tokens per device, as many as the step's "
+            "pairs fill"
         )
     else:
         yield (
-            f"train: {step_pairs} pairs per optimizer step = {cfg.gradient_accumulation_steps} "
-            f"micro-batch(es) of {micro}; {per_device} pairs ({2 * per_device} sequences of up "
-            f"to {cfg.max_token_length} tokens) per device per micro-batch"
+            f"train: {batch.step_pairs} pairs per optimizer step = "
+            f"{cfg.gradient_accumulation_steps} micro-batch(es) of {batch.micro_pairs}; "
+            f"{per_device} pairs ({2 * per_device} sequences of up to {cfg.max_token_length} "
+            "tokens) per device per micro-batch"
         )
-    yield f"eval: {eval_pairs} pairs per batch, {eval_pairs // dp} per device"
-    yield sharding_line(cfg, mesh)
+    yield f"eval: {batch.eval_pairs} pairs per batch, {batch.eval_pairs // dp} per device"
+    yield sharding_line(cfg, devices, architecture)
 
 
-def sharding_line(cfg: ml_collections.ConfigDict, mesh) -> str:
-    """How the model's parameters shard on `mesh`, from its config.json alone; the training
-    run's one-line refusal (UserError) when too many would be left replicated."""
-    try:
-        hf_config, source = model_architecture(cfg.model_name_or_path, cfg.model_revision)
-    except UserError as e:
-        return f"sharding: not checked ({e})"
-    replicated = check_model_sharding(hf_config, mesh)
+def sharding_line(
+    cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device], architecture: Architecture
+) -> str:
+    """How the model's parameters shard in the run plan, from its config.json alone; the
+    training run's one-line refusal (UserError) when too many would be left replicated."""
+    if isinstance(architecture, UserError):
+        return f"sharding: not checked ({architecture})"
+    hf_config, source = architecture
+    replicated = make_plan(cfg, devices, hf_config).replicated
     if not replicated:
         return (
             "sharding: no parameter left replicated by a mesh size that does not divide it "
@@ -257,8 +273,9 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     if cfg is None:
         say([execution_line(None, backend)], "auto: ")
     else:
-        say(plan_lines(cfg, jax.devices()), "config: ")
-        say([execution_line(cfg, backend)], "config: ")
+        architecture = read_architecture(cfg)
+        say(plan_lines(cfg, jax.devices(), architecture), "config: ")
+        say([execution_line(cfg, backend, architecture)], "config: ")
     return printed
 
 

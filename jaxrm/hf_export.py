@@ -72,6 +72,7 @@ from jaxrm.hf import (
 )
 from jaxrm.models.families import family_of, model_config_from_hf
 from jaxrm.models.family import ModelConfig
+from jaxrm.plan import abstract_state
 from jaxrm.rundir import (
     TargetLock,
     enclosing_run_dir,
@@ -79,7 +80,7 @@ from jaxrm.rundir import (
     remove_stale_temporaries,
     temporary_sibling,
 )
-from jaxrm.sharding import gather_to_host, make_mesh, state_shardings
+from jaxrm.sharding import gather_to_host, make_mesh
 from jaxrm.tensorfiles import PlannedTensor, parse_size, write_safetensors
 
 TEMPORARIES = ("export-tmp", "old")
@@ -110,14 +111,7 @@ def plan_tensors(config: ModelConfig, dtype: np.dtype) -> list[PlannedTensor]:
 def abstract_params(config: ModelConfig, mesh: Mesh) -> dict:
     """The pure-dict params tree as `jax.ShapeDtypeStruct`s in the training layout on `mesh`."""
     _, abstract = abstract_reward_model(config)
-    shardings = state_shardings(abstract, mesh)
-    structs = jax.tree.map(
-        lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-        abstract,
-        shardings,
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
-    return nnx.to_pure_dict(structs)
+    return nnx.to_pure_dict(abstract_state(abstract, mesh))
 
 
 def tensor_fetchers(params: dict, dtype: Any, where: str) -> dict[tuple[str, ...], Callable]:

@@ -44,34 +44,27 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxrm.backends import BACKEND_DEFAULTS
+from jaxrm.backends import AUTO, Execution, resolve_execution
 from jaxrm.config import get_config
-from jaxrm.data import packing
-from jaxrm.data.batch import FIELDS, PACKED_FIELDS, Field, batch_shardings
-from jaxrm.distributed import batch_sizes
-from jaxrm.dtypes import BY_NAME
+from jaxrm.data.batch import FIELDS, PACKED_FIELDS, Field, batch_shardings, field_shapes
 from jaxrm.errors import UserError, exit_on_user_error
-from jaxrm.hf import abstract_reward_model, model_architecture
+from jaxrm.hf import model_architecture
 from jaxrm.hf import read_config_file as read_model_config
 from jaxrm.logs import setup_logging
-from jaxrm.models.families import model_config_from_hf
 from jaxrm.objective import METRIC_SUM_KEYS, Objective
-from jaxrm.optimizer import make_optimizer
+from jaxrm.plan import abstract_opt_state, make_plan, model_config
 from jaxrm.sharding import (
     MESH_AXES,
-    check_replication,
-    data_parallel_size,
-    make_mesh,
-    variable_sharding,
 )
-from jaxrm.step import make_train_step, optimizer_state_shardings
+from jaxrm.step import make_train_step
 
 GIB = 1024**3
 ANALYSIS = "XLA:CPU"
-PLANNED_DTYPE = BACKEND_DEFAULTS["gpu"][0]  # what dtype `auto` computes in on accelerators
+# The backends-table row planned: an accelerator (bf16 for dtype auto) whose attention choices
+# (flash, xla) XLA:CPU compiles; a GPU's cuDNN cannot be, and `flash` likewise never forms T x T.
+PLANNED_BACKEND = "tpu"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,12 +114,12 @@ def batch_structs(fields: dict[str, Field], shapes: dict[str, tuple[int, ...]], 
     return {k: struct(shapes[k], f.dtype, shardings[k]) for k, f in fields.items()}
 
 
-def execution(cfg: ml_collections.ConfigDict) -> tuple[str, str, str]:
-    """(compute dtype, attention, remat policy) as planned (see the module docstring)."""
-    dtype = PLANNED_DTYPE if cfg.dtype == "auto" else cfg.dtype
-    attention = "flash" if cfg.attention in ("auto", "cudnn") else cfg.attention
-    remat = cfg.remat_policy if cfg.gradient_checkpointing else "none"
-    return dtype, attention, remat
+def execution(cfg: ml_collections.ConfigDict, hf_config: dict[str, Any]) -> Execution:
+    """The compute dtype and attention planned: what the backends table resolves on an
+    accelerator whose attention XLA:CPU compiles too (cuDNN is planned as `auto`, see above)."""
+    attention = AUTO if cfg.attention == "cudnn" else cfg.attention
+    head_dim = model_config(hf_config).head_dim
+    return resolve_execution(cfg.dtype, attention, PLANNED_BACKEND, head_dim, cfg.batch_layout)
 
 
 def plan(
@@ -140,54 +133,27 @@ def plan(
         hf_config, source = read_model_config(Path(model_config)), model_config
     else:
         hf_config, source = model_architecture(cfg.model_name_or_path, cfg.model_revision or None)
-    dtype, attention, remat = execution(cfg)
-    config = model_config_from_hf(
-        hf_config,
-        dtype=BY_NAME[dtype],
-        param_dtype=BY_NAME[cfg.param_dtype],
-        remat_policy=remat,
-        attention=attention,
-    )
-    graphdef, abstract = abstract_reward_model(config)
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
-    replicated = check_replication(abstract, mesh)
-    dp = data_parallel_size(mesh)
-    micro_pairs, step_pairs, _ = batch_sizes(cfg, dp)
-
-    params = jax.tree.map(
-        lambda v: v.replace(struct(v.shape, v.dtype, variable_sharding(v, mesh))),
-        abstract,
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
-    optimizer = make_optimizer(
-        cfg.learning_rate,
-        weight_decay=cfg.weight_decay,
-        b1=cfg.adam_beta1,
-        b2=cfg.adam_beta2,
-        eps=cfg.adam_epsilon,
-        max_grad_norm=cfg.max_grad_norm,
-    )
-    opt_state = jax.tree.map(
-        lambda x, s: struct(x.shape, x.dtype, s),
-        jax.eval_shape(optimizer.init, params),
-        optimizer_state_shardings(optimizer, params, mesh),
-    )
+    run = make_plan(cfg, devices, hf_config, execution=execution(cfg, hf_config), report=True)
+    mesh, params = run.mesh, run.params
+    dp, micro_pairs = run.data_parallel, run.batch.micro_pairs
+    # A constant learning rate, as planned so far: no schedule count in the Adam state (4 bytes).
+    optimizer = run.optimizer_args.optimizer(cfg.learning_rate)
+    opt_state = abstract_opt_state(optimizer, params, mesh)
     state = (params, opt_state)
     shardings = jax.tree.map(lambda x: x.sharding, state)
     objective = Objective(1, cfg.use_margin, cfg.center_rewards_coefficient)
-    packed = cfg.batch_layout == "packed"
-    step = make_train_step(graphdef, optimizer, mesh, shardings, objective, packed=packed)
+    step = make_train_step(
+        run.graphdef, optimizer, mesh, shardings, objective, packed=run.pack is not None
+    )
     replicated_sharding = NamedSharding(mesh, PartitionSpec())
     scalar = struct((), jnp.float32, replicated_sharding)
     sums = dict.fromkeys(METRIC_SUM_KEYS, scalar)
     votes = struct((mesh.size,), jnp.int32, NamedSharding(mesh, PartitionSpec(MESH_AXES)))
 
-    if packed:
-        length, rows = packing.row_shape(
-            cfg.max_token_length, cfg.pack_length, cfg.pack_rows_per_device
-        )
-        shapes = {k: (rows * dp, length) for k in PACKED_FIELDS}
-        shapes.update({k: (dp, step_pairs) for k, f in PACKED_FIELDS.items() if "slots" in f.dims})
+    if run.pack is not None:
+        length, rows = run.pack.length, run.pack.rows
+        sizes = {"rows": run.pack.micro_rows, "length": length, "devices": dp}
+        shapes = field_shapes(PACKED_FIELDS, {**sizes, "slots": run.pack.slots})
         micro = batch_structs(PACKED_FIELDS, shapes, mesh)
         pieces = [
             compile_piece("accumulate", step.accumulate, params, params, sums, micro, scalar),
@@ -198,13 +164,8 @@ def plan(
         tokens = rows * length
     else:
         k, t = cfg.gradient_accumulation_steps, cfg.max_token_length
-        shapes = {
-            "input_ids": (k, 2 * micro_pairs, t),
-            "attention_mask": (k, 2 * micro_pairs, t),
-            "lengths": (k, 2 * micro_pairs),
-            "margin": (k, micro_pairs),
-            "weight": (k, micro_pairs),
-        }
+        sizes = {"micro": k, "rows": 2 * micro_pairs, "pairs": micro_pairs, "length": t}
+        shapes = field_shapes(FIELDS, sizes)
         pieces = [compile_piece("step", step, state, batch_structs(FIELDS, shapes, mesh), votes)]
         resident = {"step": 0}
         per_device = micro_pairs // dp
@@ -212,7 +173,7 @@ def plan(
         tokens = 2 * per_device * t
 
     peak = max(p.total + resident[p.name] for p in pieces)  # total: the program's own buffers
-    parameters = sum(math.prod(v.shape) for v in jax.tree.leaves(abstract))
+    parameters = sum(math.prod(v.shape) for v in jax.tree.leaves(params))
     return {
         "config": cfg.model_name_or_path,
         "architecture": source,
@@ -220,14 +181,14 @@ def plan(
         "devices": mesh.size,
         "mesh": dict(mesh.shape),
         "analysis": ANALYSIS,
-        "dtype": dtype,
+        "dtype": run.execution.dtype,
         "param_dtype": cfg.param_dtype,
-        "attention": attention,
-        "remat_policy": remat,
+        "attention": run.execution.attention,
+        "remat_policy": run.remat_policy,
         "batch_layout": cfg.batch_layout,
         **batch,
         "tokens_per_device_per_micro_batch": tokens,
-        "replicated_parameters": sum(p.count for p in replicated),
+        "replicated_parameters": sum(p.count for p in run.replicated),
         "parameter_bytes": per_device_bytes(params),
         "pieces": {
             p.name: {

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from jaxrm.backends import AUTO, resolve_execution
 from jaxrm.checkpoint import read_meta, restore_params_and_meta, tokenizer_dir, training_output_dir
 from jaxrm.data import packing
 from jaxrm.data.batch import PACKED_FIELDS, batch_shardings, local_part
@@ -33,9 +34,8 @@ from jaxrm.hf import (
     state_leaves,
     tensor_map,
 )
-from jaxrm.hf_export import abstract_params
-from jaxrm.models.families import model_config_from_hf
 from jaxrm.models.family import ModelConfig
+from jaxrm.plan import abstract_state, model_config
 from jaxrm.sharding import activation_sharding, data_parallel_size, gather_to_host
 
 
@@ -95,23 +95,30 @@ def load_model(
     non-finite weight is refused (`check_finite`)."""
     compute = dtype_named(dtype, EXPORT_DTYPES, "--dtype")
     if source.run_dir is not None:
-        config = model_config_from_hf(source.meta["hf_config"], dtype=compute, attention="flash")
+        attention = scoring_attention(source.meta["hf_config"], dtype)
+        config = model_config(source.meta["hf_config"], dtype=compute, attention=attention)
         if vocab_size is not None and vocab_size > config.vocab_size:
             raise UserError(
                 f"the tokenizer has {vocab_size} tokens, more than the {config.vocab_size} "
                 f"embeddings {source.describe()} was trained with"
             )
-        step, params, meta = restore_params_and_meta(
-            source.run_dir, None if source.newest else source.step, abstract_params(config, mesh)
-        )
         graphdef, state = abstract_reward_model(config)
+        step, params, meta = restore_params_and_meta(
+            source.run_dir,
+            None if source.newest else source.step,
+            nnx.to_pure_dict(abstract_state(state, mesh)),
+        )
         nnx.replace_by_pure_dict(state, params)
         model = nnx.merge(graphdef, state)
         loaded = dataclasses.replace(source, step=step, meta=meta)
         check_finite(model, config, loaded.describe())
         return model, loaded
     model, hf_config, report = load_reward_model(
-        str(source.model_dir), mesh, min_vocab_size=vocab_size, dtype=compute, attention="flash"
+        str(source.model_dir),
+        mesh,
+        min_vocab_size=vocab_size,
+        dtype=compute,
+        attention=scoring_attention(source.hf_config, dtype),
     )
     if report.head != "loaded":
         print(
@@ -119,8 +126,15 @@ def load_model(
             "freshly initialized head",
             file=sys.stderr,
         )
-    check_finite(model, model_config_from_hf(hf_config), source.describe())
+    check_finite(model, model_config(hf_config), source.describe())
     return model, source
+
+
+def scoring_attention(hf_config: dict[str, Any], dtype: str) -> str:
+    """The attention scoring runs with: the backends table's choice for packed rows (scoring
+    packs whole sequences like training's packed layout)."""
+    head_dim = model_config(hf_config).head_dim
+    return resolve_execution(dtype, AUTO, jax.default_backend(), head_dim, "packed").attention
 
 
 def check_finite(model: nnx.Module, config: ModelConfig, where: str) -> None:

@@ -31,11 +31,17 @@ from flax import nnx
 from tqdm import tqdm
 
 from jaxrm import data
-from jaxrm.backends import with_backend_defaults
-from jaxrm.checkpoint import Checkpointer, abstract_like, read_meta, sync_processes
+from jaxrm.backends import with_execution
+from jaxrm.checkpoint import (
+    Checkpointer,
+    read_meta,
+    restore_train_state,
+    sync_processes,
+    tokenizer_dir,
+)
 from jaxrm.config import check_context_length, config_drift, get_config, to_dict
 from jaxrm.data import packing
-from jaxrm.distributed import batch_sizes, initialize_distributed
+from jaxrm.distributed import initialize_distributed
 from jaxrm.dtypes import BY_NAME
 from jaxrm.errors import (
     EXIT_DIVERGED,
@@ -46,18 +52,11 @@ from jaxrm.errors import (
     run_cli,
     write_failure,
 )
-from jaxrm.hf import (
-    abstract_reward_model,
-    check_model_sharding,
-    load_reward_model,
-    model_architecture,
-    read_hf_config,
-    resolve_model_dir,
-)
+from jaxrm.hf import load_reward_model, model_architecture, resolve_model_dir
 from jaxrm.logs import setup_logging
-from jaxrm.models.families import model_config_from_hf
 from jaxrm.objective import METRIC_SUM_KEYS, Objective, finalize_metrics
-from jaxrm.optimizer import current_lr, make_optimizer, make_schedule
+from jaxrm.optimizer import current_lr
+from jaxrm.plan import RunPlan, make_plan, with_vocab_size
 from jaxrm.preemption import StopRequest
 from jaxrm.rewardbench.run import BenchmarkHook
 from jaxrm.rundir import (
@@ -67,12 +66,7 @@ from jaxrm.rundir import (
     clear_run_outputs,
     previous_outputs,
 )
-from jaxrm.sharding import (
-    MAX_REPLICATED_SHARE,
-    data_parallel_size,
-    dispatch_sync_interval,
-    make_mesh,
-)
+from jaxrm.sharding import MAX_REPLICATED_SHARE, data_parallel_size, dispatch_sync_interval
 from jaxrm.step import (
     init_optimizer_state,
     make_eval_step,
@@ -106,12 +100,28 @@ def due(step: int, every: int) -> bool:
 
 
 @dataclasses.dataclass
+class Restored:
+    """One checkpoint step read whole: its train state, data position and metadata."""
+
+    step: int
+    params: Any
+    opt_state: Any
+    data_state: dict[str, Any] | None
+    meta: dict[str, Any]
+
+
+@dataclasses.dataclass
 class RunStart:
     """What the output directory says about this run before any work is done."""
 
-    resume_step: int | None  # the newest readable checkpoint to resume from (None: fresh)
-    model_dir: Path
-    hf_config: dict[str, Any]
+    model_dir: Path | None  # the HF model's files: a fresh start's weights (None on a resume)
+    tokenizer: str  # where the tokenizer is loaded from
+    plan: RunPlan  # on a resume, with the checkpoint's embedding size
+    restored: Restored | None  # the newest readable checkpoint (None: a fresh start)
+
+    @property
+    def resume_step(self) -> int | None:
+        return None if self.restored is None else self.restored.step
 
 
 def layout_fields(micro_pairs: int, step_pairs: int) -> dict[str, int]:
@@ -119,11 +129,13 @@ def layout_fields(micro_pairs: int, step_pairs: int) -> dict[str, int]:
 
 
 def prepare_output_dir(
-    cfg: ml_collections.ConfigDict, layout: dict[str, int], is_main: bool
+    cfg: ml_collections.ConfigDict, plan: RunPlan, layout: dict[str, int], is_main: bool
 ) -> RunStart:
-    """Fresh start or resume, decided and checked before tokenizing or loading anything: a used
-    directory is refused without resume or overwrite, a resume must match its checkpoint's
-    settings, and the disk must hold a checkpoint and an export. Call with the run lock held."""
+    """Fresh start or resume, decided and checked before tokenizing anything: a used directory
+    is refused without resume or overwrite, a resume must match its checkpoint's settings (those
+    of the step it restores) and is restored into the plan's abstract state (no HF weights read,
+    no optimizer initialized), and the disk must hold a checkpoint and an export. Call with the
+    run lock held."""
     output_dir = Path(cfg.output_dir)
     previous = previous_outputs(output_dir)
     if previous and not cfg.resume:
@@ -137,20 +149,46 @@ def prepare_output_dir(
             clear_run_outputs(output_dir)
         sync_processes("jaxrm.train.cleared")
         previous = []
-    model_dir = resolve_model_dir(cfg.model_name_or_path, cfg.model_revision or None)
-    hf_config = read_hf_config(model_dir)
-    resume_step = None
+    newest = None
     if "checkpoints" in previous:
-        resume_step, meta = read_meta(output_dir)
-        check_drift(cfg, layout, hf_config, meta, f"{output_dir} (step {resume_step})")
+        newest = read_meta(output_dir)
+        check_drift(cfg, layout, plan.hf_config, newest[1], f"{output_dir} (step {newest[0]})")
     elif previous:
         raise UserError(
             f"output_dir {output_dir} holds {previous[0]} but no checkpoint to resume from; "
             "pick a new output_dir, or pass --config.overwrite_output_dir=true "
             "--config.resume=false to replace it"
         )
-    check_free_space(output_dir, *disk_needed(cfg, hf_config))
-    return RunStart(resume_step, model_dir, hf_config)
+    check_free_space(output_dir, *disk_needed(cfg, plan))
+    if newest is None:
+        model_dir = resolve_model_dir(cfg.model_name_or_path, cfg.model_revision or None)
+        return RunStart(model_dir, cfg.tokenizer_name or str(model_dir), plan, None)
+    plan, restored = restore_run(cfg, plan, layout, output_dir, newest)
+    tokenizer = cfg.tokenizer_name or str(tokenizer_dir(output_dir, restored.meta))
+    return RunStart(None, tokenizer, plan, restored)
+
+
+def restore_run(
+    cfg: ml_collections.ConfigDict,
+    plan: RunPlan,
+    layout: dict[str, int],
+    output_dir: Path,
+    newest: tuple[int, dict[str, Any]],
+) -> tuple[RunPlan, Restored]:
+    """The newest readable checkpoint, restored into `plan`'s abstract state (resized to the
+    trained embedding). `newest` is the newest metadata's (step, meta), checked before any
+    array is read; the restored step's is checked again when it is an older one (the newest's
+    arrays were damaged), so the drift check always covers the step that is restored."""
+    newest_step, meta = newest
+    trained = with_vocab_size(
+        plan, meta.get("hf_config", {}).get("vocab_size", 0) or plan.model_config.vocab_size
+    )
+    restored = Restored(*restore_train_state(output_dir, trained.params, trained.opt_state))
+    if restored.step != newest_step:
+        check_drift(
+            cfg, layout, plan.hf_config, restored.meta, f"{output_dir} (step {restored.step})"
+        )
+    return trained, restored
 
 
 def check_drift(
@@ -181,10 +219,9 @@ def check_drift(
         )
 
 
-def disk_needed(cfg: ml_collections.ConfigDict, hf_config: dict[str, Any]) -> tuple[int, str]:
+def disk_needed(cfg: ml_collections.ConfigDict, plan: RunPlan) -> tuple[int, str]:
     """(bytes, what) for one more checkpoint (params + Adam moments) and the HF export."""
-    _, abstract = abstract_reward_model(model_config_from_hf(hf_config))
-    count = sum(math.prod(v.shape) for v in jax.tree.leaves(abstract))
+    count = sum(math.prod(v.shape) for v in jax.tree.leaves(plan.params))
     needed = 3 * count * BY_NAME[cfg.param_dtype].itemsize
     what = "a checkpoint"
     if cfg.export_hf:
@@ -197,8 +234,11 @@ def disk_needed(cfg: ml_collections.ConfigDict, hf_config: dict[str, Any]) -> tu
 # Model, evaluation, step accounting
 
 
-def build_model(cfg: ml_collections.ConfigDict, mesh, model_dir: Path, vocab_size: int):
-    return load_reward_model(
+def initial_model(
+    cfg: ml_collections.ConfigDict, mesh, model_dir: Path, vocab_size: int
+) -> tuple[nnx.GraphDef, nnx.State, dict[str, Any]]:
+    """A fresh run's model from the HF weights: (graph, params, config.json as trained)."""
+    model, hf_config, report = load_reward_model(
         str(model_dir),
         mesh,
         reinit_score_head=cfg.reinit_score_head,
@@ -210,6 +250,15 @@ def build_model(cfg: ml_collections.ConfigDict, mesh, model_dir: Path, vocab_siz
         attention=cfg.attention,
         replication_limit=MAX_REPLICATED_SHARE,
     )
+    log.info(
+        "model %s: %s parameters; score head %s%s",
+        cfg.model_name_or_path,
+        f"{sum(x.size for x in jax.tree.leaves(nnx.state(model))):,}",
+        report.head,
+        f"; embedding resized {report.resized_vocab}" if report.resized_vocab else "",
+    )
+    graphdef, params = nnx.split(model)
+    return graphdef, params, hf_config
 
 
 def eval_fields(metrics: dict[str, Any]) -> dict[str, float]:
@@ -224,20 +273,15 @@ def pack_fit(cfg: ml_collections.ConfigDict) -> data.PackFit | None:
     return data.PackFit(length, cfg.prefix_sharing, cfg.drop_pairs_longer_than_pack_length)
 
 
-def pack_spec(
-    cfg: ml_collections.ConfigDict, pairs: data.Pairs, step_pairs: int, dp: int
-) -> packing.PackSpec | None:
-    """The packed layout's shapes (None: padded batches); the log says what a pair takes, from a
-    fixed sample of the training set."""
-    if cfg.batch_layout != "packed":
-        return None
-    length, rows = packing.row_shape(
-        cfg.max_token_length, cfg.pack_length, cfg.pack_rows_per_device
-    )
+def log_pack(spec: packing.PackSpec | None, pairs: data.Pairs, cfg: ml_collections.ConfigDict):
+    """Logs the packed layout's shapes and what a pair takes, from a fixed sample of the
+    training set (nothing for padded batches)."""
+    if spec is None:
+        return
+    length, rows = spec.length, spec.rows
     sample = np.random.default_rng(0).permutation(len(pairs))[:20_000]
     groups = packing.group_lengths(pairs, sample, cfg.prefix_sharing)
     unshared = packing.group_lengths(pairs, sample, False)
-    spec = packing.PackSpec(length, rows, dp, step_pairs, cfg.prefix_sharing)
     log.info(
         "packed batches: %d row(s) of %d tokens per micro-batch (%d per device); a pair takes %.0f "
         "tokens on average%s",
@@ -249,7 +293,6 @@ def pack_spec(
         if cfg.prefix_sharing
         else "",
     )
-    return spec
 
 
 def evaluate(eval_step, params, batches, mesh) -> dict[str, float]:
@@ -417,11 +460,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     initialize_distributed(cfg)
     is_main = jax.process_index() == 0
     setup_logging(is_main)
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    batch = batch_sizes(cfg, data_parallel_size(mesh))
     architecture, architecture_file = model_architecture(cfg.model_name_or_path, cfg.model_revision)
-    check_model_sharding(architecture, mesh)
     check_context_length(cfg, architecture, architecture_file)
+    plan = make_plan(cfg, jax.devices(), architecture)
+    mesh = plan.mesh
     log.info(
         "mesh %s over %d devices (%s, %d processes)",
         dict(mesh.shape),
@@ -430,24 +472,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         jax.process_count(),
     )
     with claim_output_dir(Path(cfg.output_dir), is_main), StopRequest() as stop:
-        return run(cfg, mesh, batch, stop, started)
+        return run(cfg, plan, stop, started)
 
 
 def run(
-    cfg: ml_collections.ConfigDict,
-    mesh,
-    batch: tuple[int, int, int],
-    stop: StopRequest,
-    started: float,
+    cfg: ml_collections.ConfigDict, plan: RunPlan, stop: StopRequest, started: float
 ) -> dict[str, Any]:
     """The run in a claimed output directory: data, model, the training loop, the final eval and
     export; returns the step reached, the seconds taken and the last eval's metrics."""
     is_main = jax.process_index() == 0
     output_dir = Path(cfg.output_dir)
-    micro_pairs, step_pairs, eval_pairs_per_batch = batch
+    mesh = plan.mesh
+    micro_pairs, step_pairs = plan.batch.micro_pairs, plan.batch.step_pairs
     layout = layout_fields(micro_pairs, step_pairs)
-    cfg = with_backend_defaults(cfg)  # dtype and attention "auto" resolved: stored and compared
-    run_start = prepare_output_dir(cfg, layout, is_main)
+    cfg = with_execution(cfg, plan.execution)  # dtype and attention "auto" resolved: stored
+    run_start = prepare_output_dir(cfg, plan, layout, is_main)
+    plan = run_start.plan
     if run_start.resume_step is not None:
         stop.kept(
             f"the checkpoints up to step {run_start.resume_step} in {output_dir / 'checkpoints'} "
@@ -455,7 +495,7 @@ def run(
         )
 
     # ---- tokenizer and data
-    tokenizer = load_tokenizer(cfg.tokenizer_name or str(run_start.model_dir))
+    tokenizer = load_tokenizer(run_start.tokenizer)
     check_pad_token(tokenizer, cfg.tokenizer_name or cfg.model_name_or_path)
     train_pairs, eval_pairs, stats = data.build_datasets(
         dataset_mixer_list=cfg.dataset_mixer_list,
@@ -468,7 +508,7 @@ def run(
         seed=cfg.seed,
         cache_dir=cfg.dataset_cache_dir or None,
         num_proc=cfg.dataset_num_proc or None,
-        vocab_size=max(run_start.hf_config.get("vocab_size", 0), len(tokenizer)),
+        vocab_size=max(plan.hf_config.get("vocab_size", 0), len(tokenizer)),
         pack=pack_fit(cfg),
     )
     benchmarks = BenchmarkHook.from_config(cfg, tokenizer, data_parallel_size(mesh))
@@ -489,7 +529,8 @@ def run(
         total_steps,
         per_epoch,
     )
-    pack = pack_spec(cfg, train_pairs, step_pairs, data_parallel_size(mesh))
+    pack = plan.pack
+    log_pack(pack, train_pairs, cfg)
     buckets = data.length_buckets(cfg.max_token_length)
     train_iter = data.train_iterator(
         data.train_dataset(
@@ -505,32 +546,21 @@ def run(
     if eval_pairs is not None:
         eval_pack = None if pack is None else dataclasses.replace(pack, slots=0)
         eval_batches = data.eval_batches(
-            eval_pairs, global_pairs_per_batch=eval_pairs_per_batch, buckets=buckets, pack=eval_pack
+            eval_pairs,
+            global_pairs_per_batch=plan.batch.eval_pairs,
+            buckets=buckets,
+            pack=eval_pack,
         )
 
     # ---- model, optimizer, steps
-    model, hf_config, report = build_model(cfg, mesh, run_start.model_dir, len(tokenizer))
-    log.info(
-        "model %s: %s parameters; score head %s%s",
-        cfg.model_name_or_path,
-        f"{sum(x.size for x in jax.tree.leaves(nnx.state(model))):,}",
-        report.head,
-        f"; embedding resized {report.resized_vocab}" if report.resized_vocab else "",
-    )
-    schedule = make_schedule(
-        cfg.learning_rate, total_steps, cfg.lr_scheduler_type, warmup_ratio=cfg.warmup_ratio
-    )
-    optimizer = make_optimizer(
-        schedule,
-        weight_decay=cfg.weight_decay,
-        b1=cfg.adam_beta1,
-        b2=cfg.adam_beta2,
-        eps=cfg.adam_epsilon,
-        max_grad_norm=cfg.max_grad_norm,
-    )
-    graphdef, params = nnx.split(model)
-    del model
-    opt_state = init_optimizer_state(optimizer, params, mesh)
+    schedule = plan.optimizer_args.schedule(total_steps)
+    optimizer = plan.optimizer_args.optimizer(schedule)
+    if run_start.restored is None:
+        graphdef, params, hf_config = initial_model(cfg, mesh, run_start.model_dir, len(tokenizer))
+        opt_state = init_optimizer_state(optimizer, params, mesh)
+    else:
+        graphdef, hf_config = plan.graphdef, plan.hf_config
+        params, opt_state = run_start.restored.params, run_start.restored.opt_state
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
     state_shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
     obj = Objective(jax.process_count(), cfg.use_margin, cfg.center_rewards_coefficient)
@@ -578,8 +608,8 @@ def run(
             accounting=StepAccounting(cfg, schedule, total_steps),
             meta=meta,
         )
-        if run_start.resume_step is not None:
-            loop.restore()
+        if run_start.restored is not None:
+            loop.restore(run_start.restored)
         if is_main:
             keep_metrics_until(writer.path, loop.step)
         loop.train()
@@ -633,18 +663,14 @@ class Loop:
     last_eval: dict[str, Any] = dataclasses.field(default_factory=dict)
     last_eval_step: int | None = None
 
-    def restore(self) -> None:
-        """The newest readable checkpoint: state, data position, skipped-step count."""
-        params, opt_state = self.state
-        step, params, opt_state, data_state, meta = self.checkpointer.restore(
-            None,
-            abstract_params=abstract_like(params),
-            abstract_opt_state=abstract_like(opt_state),
-        )
+    def restore(self, restored: Restored) -> None:
+        """Continues from a checkpoint read whole (its state is already the loop's): its data
+        position and skipped-step count; newer, unreadable steps are set aside."""
+        step, meta = restored.step, restored.meta
         self.checkpointer.set_aside_newer_than(step)
-        if data_state is not None:
-            self.train_iter.set_state(data_state)
-        self.state, self.step, self.saved_step = (params, opt_state), step, step
+        if restored.data_state is not None:
+            self.train_iter.set_state(restored.data_state)
+        self.step, self.saved_step = step, step
         self.accounting.skipped_total = int(meta.get("skipped_steps", 0))
         if "final_eval" in meta:  # the last step's eval is done (a rerun after its export)
             self.last_eval, self.last_eval_step = meta["final_eval"], step

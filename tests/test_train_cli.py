@@ -15,6 +15,18 @@ from jaxrm.errors import UserError
 from jaxrm.train import main as train_main
 from tests.test_score import assert_one_line_error
 
+# A short in-process run of the tiny config: steps of 8 pairs, a record per step, no eval set
+# and no export.
+SHORT_RUN = [
+    "--config",
+    "configs/tiny.py",
+    "--config.progress_bar=False",
+    "--config.logging_steps=1",
+    "--config.export_hf=False",
+    "--config.dataset_mixer_eval_list=[]",
+    "--config.total_train_batch_size=8",
+]
+
 
 def run_train(*overrides, timeout=600):
     return subprocess.run(
@@ -126,16 +138,7 @@ def test_resume_continues_exactly(tmp_path):
     (optimizer state, schedule position and data order all restored)."""
     import shutil
 
-    common = [
-        "--config",
-        "configs/tiny.py",
-        "--config.progress_bar=False",
-        "--config.logging_steps=1",
-        "--config.export_hf=False",
-        "--config.dataset_mixer_eval_list=[]",
-        "--config.total_train_batch_size=8",
-        "--config.max_train_steps=10",
-    ]
+    common = [*SHORT_RUN, "--config.max_train_steps=10"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train_main([*common, f"--config.output_dir={straight}"])
     train_main([*common, "--config.checkpointing_steps=6", f"--config.output_dir={resumed}"])

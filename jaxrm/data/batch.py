@@ -74,6 +74,11 @@ PACKED_FIELDS: dict[str, Field] = {
 }
 
 
+def field_shapes(fields: dict[str, Field], sizes: dict[str, int]) -> dict[str, tuple[int, ...]]:
+    """Every field's global shape, given the size of each of its dimension names."""
+    return {key: tuple(sizes[d] for d in field.dims) for key, field in fields.items()}
+
+
 def field_spec(field: Field) -> PartitionSpec:
     """The field's PartitionSpec: data-parallel dims over BATCH_AXES (trailing Nones dropped)."""
     spec = [BATCH_AXES if d in DATA_PARALLEL_DIMS else None for d in field.dims]
