@@ -23,8 +23,9 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from jaxrm.errors import UserError, first_line, write_failure
 
@@ -55,15 +56,21 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-class RunLock:
-    """An exclusive lock on an output directory, held until `release` (or process exit)."""
+class FileLock:
+    """An exclusive `flock` on the file `path`, which records the holder's host and pid, held
+    until `release` (or process exit). A live holder is a one-line error (`busy(holder)`).
 
-    def __init__(self, output_dir: Path):
-        self.path = Path(output_dir) / LOCK_FILE
+    After taking the flock the file is checked to be still the one at `path` (a holder that
+    released with `remove=True` meanwhile deleted it), so two holders can never both hold it. On a
+    file system without `flock` the holder's host and pid decide."""
+
+    def __init__(self, path: Path, busy: Callable[[dict[str, Any]], str]):
+        self.path = path
+        self.busy = busy
         self.created = False  # whether `acquire` created the lock file
         self._file: Any = None
 
-    def acquire(self) -> RunLock:
+    def acquire(self) -> Self:
         while True:
             created = not self.path.exists()
             f = self._lock_file()
@@ -80,13 +87,13 @@ class RunLock:
 
     def _lock_file(self) -> Any:
         """The lock file, opened and locked, or a one-line error naming its live holder."""
-        f = open(self.path, "a+")  # noqa: SIM115 - held open for the run
+        f = open(self.path, "a+")  # noqa: SIM115 - held open while the lock is held
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _read_holder(self.path)
             f.close()
-            raise UserError(_busy_message(self.path.parent, holder)) from None
+            raise UserError(self.busy(holder)) from None
         except OSError as e:
             if e.errno not in _NO_FLOCK:
                 f.close()
@@ -94,7 +101,7 @@ class RunLock:
             holder = _read_holder(self.path)
             if holder and not _holder_gone(holder):
                 f.close()
-                raise UserError(_busy_message(self.path.parent, holder)) from None
+                raise UserError(self.busy(holder)) from None
         return f
 
     def release(self, remove: bool = False) -> None:
@@ -108,11 +115,19 @@ class RunLock:
         self._file.close()  # closing drops the flock
         self._file = None
 
-    def __enter__(self) -> RunLock:
+    def __enter__(self) -> Self:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class RunLock(FileLock):
+    """The lock on an output directory: `.jaxrm.lock` in it, kept (emptied) on release."""
+
+    def __init__(self, output_dir: Path):
+        output_dir = Path(output_dir)
+        super().__init__(output_dir / LOCK_FILE, lambda holder: _busy_message(output_dir, holder))
 
 
 def _is_file_at(f: Any, path: Path) -> bool:
@@ -265,80 +280,25 @@ def temporary_sibling(target: Path, kind: str) -> Path:
     return target.with_name(f".{target.name}.{kind}-{socket.gethostname()}-{os.getpid()}")
 
 
-class TargetLock:
-    """An exclusive lock on writing `target` (e.g. an export): a `flock` on the sibling file
-    `.NAME.jaxrm-<what>.lock`, which holds the writer's host and pid and is removed on release.
-
-    After taking the flock the file is checked to be still the one at that path (a holder that
-    released meanwhile removed it), so two writers can never both hold it. On a file system
-    without `flock` the holder's host and pid decide, as for the run lock."""
+class TargetLock(FileLock):
+    """An exclusive lock on writing `target` (e.g. an export): the sibling file
+    `.NAME.jaxrm-<what>.lock`, which holds the writer's host and pid and is removed on release."""
 
     def __init__(self, target: Path, what: str):
         self.target = target
-        self.what = what
-        self.path = target.with_name(f".{target.name}.jaxrm-{what}.lock")
-        self._file: Any = None
-
-    def acquire(self) -> TargetLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        while self._file is None:
-            f = open(self.path, "a+")  # noqa: SIM115 - held open while the target is written
-            try:
-                self._flock(f)
-            except BaseException:
-                f.close()
-                raise
-            if _same_file(f, self.path):
-                self._file = f
-            else:
-                f.close()
-        self._file.seek(0)
-        self._file.truncate()
-        info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
-        self._file.write(json.dumps(info))
-        self._file.flush()
-        return self
-
-    def _flock(self, f: Any) -> None:
-        """Takes the flock on `f`, or a one-line error naming the live holder."""
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            busy = True
-        except OSError as e:
-            if e.errno not in _NO_FLOCK:
-                raise
-            holder = _read_holder(self.path)
-            busy = bool(holder) and not _holder_gone(holder)
-        if busy:
-            raise UserError(self._busy_message(_read_holder(self.path)))
-
-    def release(self) -> None:
-        if self._file is None:
-            return
-        self.path.unlink(missing_ok=True)  # while still held: see acquire
-        self._file.close()
-        self._file = None
-
-    def _busy_message(self, holder: dict[str, Any]) -> str:
-        return (
-            f"{self.target} is being written by another {self.what} ({_describe_holder(holder)});"
-            f" wait for it to finish or pick another target"
+        super().__init__(
+            target.with_name(f".{target.name}.jaxrm-{what}.lock"),
+            lambda holder: (
+                f"{target} is being written by another {what} ({_describe_holder(holder)}); "
+                "wait for it to finish or pick another target"
+            ),
         )
 
-    def __enter__(self) -> TargetLock:
-        return self.acquire()
+    def acquire(self) -> Self:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return super().acquire()
 
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+    def release(self, remove: bool = True) -> None:
+        super().release(remove)
 
 
-def _same_file(f: Any, path: Path) -> bool:
-    """Whether the open file `f` is still the file at `path`."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return False
-    own = os.fstat(f.fileno())
-    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
