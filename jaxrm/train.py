@@ -295,7 +295,7 @@ def log_pack(spec: packing.PackSpec | None, pairs: data.Pairs, cfg: ml_collectio
     )
 
 
-def evaluate(eval_step, params, batches, mesh) -> dict[str, float]:
+def eval_metrics(eval_step, params, batches, mesh) -> dict[str, float]:
     """Exact metrics over every eval pair on all hosts, plus the reward mean/std for export."""
     totals: dict[str, jax.Array] = {}
     sync_every = dispatch_sync_interval()
@@ -801,13 +801,14 @@ class Loop:
 
     def eval_record(self) -> dict[str, Any]:
         """eval/ fields: the eval set's metrics and the benchmarks' scores (if any)."""
-        record = eval_fields(self.evaluate())
+        record = eval_fields(self.run_eval())
         record.update(self.benchmarks(self.graphdef, self.state[0], self.mesh))
         return record
 
-    def evaluate(self) -> dict[str, Any]:
+    def run_eval(self) -> dict[str, Any]:
+        """The eval set's metrics at the current step (kept for the export's reward stats)."""
         params = self.state[0]
-        self.last_eval = evaluate(self.eval_step, params, self.eval_batches, self.mesh)
+        self.last_eval = eval_metrics(self.eval_step, params, self.eval_batches, self.mesh)
         self.last_eval_step = self.step
         return self.last_eval
 

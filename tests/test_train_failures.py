@@ -241,7 +241,7 @@ import jaxrm.hf_export
 from jaxrm import train
 from jaxrm.errors import run_cli
 
-owner, name = {"eval": (train.Loop, "evaluate"), "export": (jaxrm.hf_export, "export_checkpoint")}[
+owner, name = {"eval": (train.Loop, "run_eval"), "export": (jaxrm.hf_export, "export_checkpoint")}[
     sys.argv.pop(1)
 ]
 real = getattr(owner, name)
