@@ -16,12 +16,15 @@ from jaxrm.assets import TINY_MODEL_DIR
 from jaxrm.data.packing import PackSpec
 from jaxrm.errors import UserError
 from jaxrm.hf import abstract_reward_model, load_reward_model, read_hf_config, tensor_map
+from jaxrm.hf_export import export_checkpoint
 from jaxrm.models.decoder import Decoder
 from jaxrm.models.families import FAMILIES, family_named, family_of, model_config_from_hf
 from jaxrm.models.llama_hf import LLAMA
 from jaxrm.sharding import make_mesh
 from tests import hf_reference
 from tests.hf_reference import right_padded_batch, save_tiny_classifier, torch_rewards
+from tests.test_export import REWARD_STATS, save_trained_run
+from tests.test_export import torch_rewards as exported_rewards
 from tests.test_packing import packed_loss_fn, padded_loss_fn
 from tests.test_train_step import jax_losses, random_pairs, torch_losses
 
@@ -166,6 +169,24 @@ def test_training_steps_equal_pytorch(family_model):
     steps = [random_pairs(8, seed=s) for s in range(3)]
     ours, _ = jax_losses(path, single_device_mesh(), steps)
     np.testing.assert_allclose(ours, torch_losses(path, steps), rtol=1e-4)
+
+
+def test_export_loads_cleanly_and_scores_alike(family_model, tmp_path):
+    """The family's `*ForSequenceClassification` export: transformers loads it with every
+    loading-info list empty and computes jaxrm's rewards; config and reward stats as written."""
+    family, path, _ = family_model
+    if family == "llama":
+        pytest.skip("tests/test_export.py exports Llama")
+    (tmp_path / "run").mkdir()
+    run, tokenizer, ids, rewards = save_trained_run(tmp_path / "run", path, make_mesh(1, 4, 2))
+    exported, _ = export_checkpoint(run, tmp_path / "hf", dtype="float32")
+    config = json.loads((exported / "config.json").read_text())
+    exported_class = family_of(read_hf_config(path)).exported_class
+    assert config["architectures"] == [exported_class]
+    assert config["pad_token_id"] == tokenizer.pad_token_id
+    assert config["reward_stats"] == REWARD_STATS
+    _, got = exported_rewards(exported, ids, tokenizer.pad_token_id, exported_class)
+    np.testing.assert_allclose(got, rewards, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("prefix", ["model.language_model.", "language_model.model."])
