@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxrm.assets import TINY_MODEL_DIR
+from jaxrm.assets import TINY_EVAL_FILE, TINY_MODEL_DIR
 from jaxrm.data.packing import PackSpec
 from jaxrm.errors import UserError
 from jaxrm.hf import abstract_reward_model, load_reward_model, read_hf_config, tensor_map
@@ -20,12 +20,16 @@ from jaxrm.hf_export import export_checkpoint
 from jaxrm.models.decoder import Decoder
 from jaxrm.models.families import FAMILIES, family_named, family_of, model_config_from_hf
 from jaxrm.models.llama_hf import LLAMA
+from jaxrm.score import main as score_main
 from jaxrm.sharding import make_mesh
+from jaxrm.train import main as train_main
 from tests import hf_reference
 from tests.hf_reference import right_padded_batch, save_tiny_classifier, torch_rewards
 from tests.test_export import REWARD_STATS, save_trained_run
 from tests.test_export import torch_rewards as exported_rewards
 from tests.test_packing import packed_loss_fn, padded_loss_fn
+from tests.test_resume import common as resume_args
+from tests.test_resume import crash_after_step_2
 from tests.test_train_step import jax_losses, random_pairs, torch_losses
 
 LENGTHS = [7, 19, 1, 12, 19, 3]
@@ -216,3 +220,50 @@ def test_a_multimodal_gemma3_checkpoint_reads_its_text_model(tmp_path, prefix):
     ids, mask = right_padded_batch(LENGTHS, vocab=96)
     got = np.asarray(jax.jit(lambda m, i, a: m(i, a))(model, ids, mask))
     np.testing.assert_allclose(got, torch_rewards(reference, ids, mask), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma2"])
+def test_a_run_trains_resumes_exports_and_scores(tmp_path, family):
+    """The whole job on a causal-LM checkpoint of the family: a packed, prefix-shared run that
+    dies after its step-2 checkpoint resumes with the straight run's losses; its export scores
+    (`jaxrm.score`) as transformers does."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+    model_dir, output = tmp_path / "model", tmp_path / "run"
+    torch.manual_seed(0)
+    vocab = -(-len(tokenizer) // 8) * 8
+    config = hf_reference.tiny_config(family, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id)
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    common = [
+        *resume_args(model_dir, output),
+        "--config.batch_layout=packed",
+        "--config.prefix_sharing=True",
+    ]
+    train_main(common)
+    straight = losses(output)
+    crash_after_step_2(output)
+    assert train_main(common)["step"] == 4
+    assert losses(output) == straight and len(straight) == 4
+
+    exported, _ = export_checkpoint(output, tmp_path / "hf", dtype="float32")
+    rows = [json.loads(line) for line in TINY_EVAL_FILE.read_text().splitlines()[:4]]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scored_file = tmp_path / "scored.jsonl"
+    score_main(["--model", str(exported), "--data", str(data), "--output", str(scored_file)])
+    scored = [json.loads(line) for line in scored_file.read_text().splitlines()]
+    reference = AutoModelForSequenceClassification.from_pretrained(exported).eval()
+    for row, got in zip(rows, scored, strict=True):
+        for key in ("chosen", "rejected"):
+            ids = tokenizer.apply_chat_template(row[key], tokenize=True, return_dict=False)
+            with torch.no_grad():
+                expected = reference(torch.tensor([ids])).logits[0, 0].item()
+            assert abs(got[f"{key}_reward"] - expected) <= 1e-5
+
+
+def losses(output) -> list[tuple[int, float, float]]:
+    records = [json.loads(x) for x in (output / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["train/rm/loss"], r["train/grad_norm"]) for r in records]
