@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Any
 
 import jax
 import ml_collections
@@ -19,6 +20,7 @@ from jaxrm.errors import UserError
 from jaxrm.hf import model_architecture
 from jaxrm.models.attention import ATTENTION_IMPLEMENTATIONS
 from jaxrm.models.families import model_config_from_hf
+from jaxrm.models.family import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ class Needs:
     head_dim_multiple: int = 1
     max_head_dim: int | None = None
     layouts: tuple[str, ...] | None = None  # batch layouts (packed, padded)
+    plain_only: bool = False  # no soft-capped logits, no sliding window (Gemma 2/3, Mistral)
 
 
 ATTENTION_NEEDS: dict[str, Needs] = {
@@ -55,6 +58,7 @@ ATTENTION_NEEDS: dict[str, Needs] = {
         head_dim_multiple=8,
         max_head_dim=128,
         layouts=("padded",),
+        plain_only=True,
     ),
 }
 
@@ -68,10 +72,22 @@ class Execution:
     reason: str
 
 
+def model_attention(config: ModelConfig) -> dict[str, Any]:
+    """What the attention choice reads of a model: its head_dim and whether its attention is
+    plain (no soft-cap, no sliding window), as `resolve_execution`'s keywords."""
+    return {"head_dim": config.head_dim, "plain": config.plain_attention}
+
+
 def attention_misfit(
-    implementation: str, backend: str, dtype: str, head_dim: int | None, layout: str = "padded"
+    implementation: str,
+    backend: str,
+    dtype: str,
+    head_dim: int | None,
+    layout: str = "padded",
+    plain: bool = True,
 ) -> str | None:
-    """Why `implementation` cannot run here, or None when it can (head_dim None: not checked)."""
+    """Why `implementation` cannot run here, or None when it can (head_dim None: not checked;
+    `plain`: the model's attention has no soft-cap and no sliding window)."""
     needs = ATTENTION_NEEDS.get(implementation, Needs())
     if needs.backends is not None and backend not in needs.backends:
         wanted = "/".join(needs.backends)
@@ -89,11 +105,21 @@ def attention_misfit(
         )
     if needs.layouts is not None and layout not in needs.layouts:
         return f"{implementation} attention needs batch_layout {' or '.join(needs.layouts)}"
+    if needs.plain_only and not plain:
+        return (
+            f"{implementation} attention takes no soft-capped logits or sliding windows, "
+            "which the model has"
+        )
     return None
 
 
 def resolve_execution(
-    dtype: str, attention: str, backend: str, head_dim: int | None = None, layout: str = "padded"
+    dtype: str,
+    attention: str,
+    backend: str,
+    head_dim: int | None = None,
+    layout: str = "padded",
+    plain: bool = True,
 ) -> Execution:
     """The compute dtype and attention for config values that may be `auto`."""
     if dtype != AUTO and dtype not in COMPUTE_DTYPES:
@@ -106,13 +132,13 @@ def resolve_execution(
     dtype_reason = "set" if dtype != AUTO else f"auto on {backend}"
     dtype = default_dtype if dtype == AUTO else dtype
     if attention != AUTO:
-        misfit = attention_misfit(attention, backend, dtype, head_dim, layout)
+        misfit = attention_misfit(attention, backend, dtype, head_dim, layout, plain)
         if misfit:
             raise UserError(f"config key 'attention': {misfit} (leave it at 'auto' to choose)")
         return Execution(dtype, attention, f"dtype {dtype_reason}, attention set")
     skipped = []
     for candidate in candidates:
-        misfit = attention_misfit(candidate, backend, dtype, head_dim, layout)
+        misfit = attention_misfit(candidate, backend, dtype, head_dim, layout, plain)
         if misfit is None:
             reason = f"dtype {dtype_reason}, attention auto on {backend}"
             if skipped:
@@ -122,18 +148,18 @@ def resolve_execution(
     raise UserError(f"config key 'attention': no implementation fits ({'; '.join(skipped)})")
 
 
-def model_head_dim(model_name_or_path: str, revision: str = "") -> int:
-    """head_dim from the model's config.json alone (see `jaxrm.hf.model_architecture`)."""
+def model_needs(model_name_or_path: str, revision: str = "") -> dict[str, Any]:
+    """`model_attention` from the model's config.json alone (see `model_architecture`)."""
     hf_config, _ = model_architecture(model_name_or_path, revision or None)
-    return model_config_from_hf(hf_config).head_dim
+    return model_attention(model_config_from_hf(hf_config))
 
 
 def with_backend_defaults(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A copy of `cfg` whose `dtype` and `attention` are resolved for the default JAX backend
     and the model's head_dim."""
-    head_dim = model_head_dim(cfg.model_name_or_path, cfg.model_revision)
+    needs = model_needs(cfg.model_name_or_path, cfg.model_revision)
     run = resolve_execution(
-        cfg.dtype, cfg.attention, jax.default_backend(), head_dim, cfg.batch_layout
+        cfg.dtype, cfg.attention, jax.default_backend(), layout=cfg.batch_layout, **needs
     )
     return with_execution(cfg, run)
 

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxrm.backends import AUTO, Execution, resolve_execution
+from jaxrm.backends import AUTO, Execution, model_attention, resolve_execution
 from jaxrm.config import get_config
 from jaxrm.data.batch import FIELDS, PACKED_FIELDS, Field, batch_shardings, field_shapes
 from jaxrm.errors import UserError, exit_on_user_error
@@ -118,8 +118,10 @@ def execution(cfg: ml_collections.ConfigDict, hf_config: dict[str, Any]) -> Exec
     """The compute dtype and attention planned: what the backends table resolves on an
     accelerator whose attention XLA:CPU compiles too (cuDNN is planned as `auto`, see above)."""
     attention = AUTO if cfg.attention == "cudnn" else cfg.attention
-    head_dim = model_config(hf_config).head_dim
-    return resolve_execution(cfg.dtype, attention, PLANNED_BACKEND, head_dim, cfg.batch_layout)
+    needs = model_attention(model_config(hf_config))
+    return resolve_execution(
+        cfg.dtype, attention, PLANNED_BACKEND, layout=cfg.batch_layout, **needs
+    )
 
 
 def plan(

@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxrm.backends import Execution, resolve_execution
+from jaxrm.backends import Execution, model_attention, resolve_execution
 from jaxrm.data import packing
 from jaxrm.distributed import batch_sizes
 from jaxrm.dtypes import BY_NAME
@@ -134,8 +134,8 @@ def plan_pack(
 
 def resolve(cfg: ml_collections.ConfigDict, hf_config: dict[str, Any], backend: str) -> Execution:
     """The compute dtype and attention `cfg` runs with on `backend` for this model."""
-    head_dim = model_config(hf_config).head_dim
-    return resolve_execution(cfg.dtype, cfg.attention, backend, head_dim, cfg.batch_layout)
+    needs = model_attention(model_config(hf_config))
+    return resolve_execution(cfg.dtype, cfg.attention, backend, layout=cfg.batch_layout, **needs)
 
 
 def abstract_state(graph_state: nnx.State, mesh: Mesh) -> nnx.State:

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from jaxrm.backends import AUTO, resolve_execution
+from jaxrm.backends import AUTO, model_attention, resolve_execution
 from jaxrm.checkpoint import read_meta, restore_params_and_meta, tokenizer_dir, training_output_dir
 from jaxrm.data import packing
 from jaxrm.data.batch import PACKED_FIELDS, batch_shardings, local_part
@@ -133,8 +133,8 @@ def load_model(
 def scoring_attention(hf_config: dict[str, Any], dtype: str) -> str:
     """The attention scoring runs with: the backends table's choice for packed rows (scoring
     packs whole sequences like training's packed layout)."""
-    head_dim = model_config(hf_config).head_dim
-    return resolve_execution(dtype, AUTO, jax.default_backend(), head_dim, "packed").attention
+    needs = model_attention(model_config(hf_config))
+    return resolve_execution(dtype, AUTO, jax.default_backend(), layout="packed", **needs).attention
 
 
 def check_finite(model: nnx.Module, config: ModelConfig, where: str) -> None:

@@ -127,3 +127,25 @@ def test_with_backend_defaults_reads_head_dim_and_leaves_the_config_alone():
 def test_train_rejects_cudnn_on_cpu_in_one_line(tmp_path):
     result = run_train(f"--config.output_dir={tmp_path / 'run'}", "--config.attention=cudnn")
     assert_one_line_error(result, "config key 'attention'", "needs a gpu backend, not cpu")
+
+
+@pytest.mark.parametrize("family", ["gemma2", "mistral"])
+def test_auto_on_gpu_skips_cudnn_for_a_soft_cap_or_a_window(family):
+    """Gemma 2 (soft-capped logits, windows) and Mistral (a window): cuDNN's fused attention
+    takes neither, so `auto` picks flash on a GPU, and `cudnn` set is one line."""
+    from jaxrm.backends import model_attention
+    from jaxrm.models.families import model_config_from_hf
+    from tests.hf_reference import tiny_config
+
+    config = model_config_from_hf(tiny_config(family, head_dim=64).to_dict())
+    assert not config.plain_attention
+    needs = model_attention(config)
+    run = resolve_execution("bfloat16", "auto", "gpu", layout="padded", **needs)
+    assert run.attention == "flash" and "soft-capped logits or sliding windows" in run.reason
+    with pytest.raises(UserError, match="cudnn attention takes no soft-capped logits"):
+        resolve_execution("bfloat16", "cudnn", "gpu", layout="padded", **needs)
+    plain = model_attention(model_config_from_hf(tiny_config("olmo2", head_dim=64).to_dict()))
+    assert (
+        plain["plain"]
+        and resolve_execution("bfloat16", "auto", "gpu", **plain).attention == "cudnn"
+    )

@@ -133,6 +133,11 @@ class DecoderConfig:
         return Logits(float(scalar) ** -0.5, self.attn_softcap)
 
     @property
+    def plain_attention(self) -> bool:
+        """No soft-cap and no window: what fused kernels without them (cuDNN's) can run."""
+        return self.attn_softcap is None and not self.windowed
+
+    @property
     def windowed(self) -> bool:
         """Whether any layer slides (then every layer gets a scanned window, NO_WINDOW if not)."""
         return any(w is not None for w in self.layer_windows or ())

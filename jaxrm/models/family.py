@@ -21,6 +21,7 @@ class ModelConfig(Protocol):
     num_hidden_layers: int
     head_dim: int
     attention: str
+    plain_attention: bool  # no soft-capped logits and no sliding window (what cuDNN's takes)
 
     def replace(self, **changes: Any) -> ModelConfig: ...
 
