@@ -126,6 +126,15 @@ def tensor_map(config: ModelConfig, prefix: str = "model.") -> list[TensorMap]:
     return family_named(config.family).tensor_map(config, prefix)
 
 
+def hf_tensor_groups(entries: list[TensorMap]) -> list[list[TensorMap]]:
+    """The entries by HF tensor, in the map's order: one entry, or a fused tensor's parts in
+    row order (Phi-3's q|k|v and gate|up)."""
+    groups: dict[str, list[TensorMap]] = {}
+    for entry in entries:
+        groups.setdefault(entry.hf_name, []).append(entry)
+    return [sorted(g, key=lambda e: e.part[0]) if g[0].part else g for g in groups.values()]
+
+
 def hf_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The HF tensor shape of one (per-layer) jaxrm parameter of `shape`."""
     if layout == "copy":
@@ -272,6 +281,8 @@ def load_reward_model(
             values[entry.path] = _init_score_head(variable.shape, sharding, seed)
             continue
         tensors = [reader.tensor(n) for n in entry.hf_names(config.num_hidden_layers)]
+        if entry.part is not None:  # its rows of a fused tensor (lazy views)
+            tensors = [t[slice(*entry.part)] for t in tensors]
         fill = None
         if entry.path == ("model", "embed_tokens") and config.vocab_size > old_vocab:
             fill = _mean_rows(tensors[0])
@@ -315,6 +326,7 @@ def _check_tensors(
 ) -> None:
     """Every expected tensor present with its full HF shape, before anything is loaded."""
     names = reader.names()
+    fused_rows = {g[0].hf_name: g[-1].part[1] for g in hf_tensor_groups(entries) if g[0].part}
     for entry in entries:
         if entry.path == ("score", "kernel") and not include_head:
             continue
@@ -322,6 +334,8 @@ def _check_tensors(
         expected = hf_shape(entry.layout, tuple(shape))
         if entry.path == ("model", "embed_tokens"):
             expected = (old_vocab, *expected[1:])
+        if entry.part is not None:
+            expected = (fused_rows[entry.hf_name], *expected[1:])
         for name in entry.hf_names(config.num_hidden_layers):
             if name not in names:
                 raise UserError(f"{model_dir}: tensor {name} is missing from the checkpoint")
@@ -403,11 +417,11 @@ def iter_hf_tensors(
     params: dict[tuple[str, ...], Callable[[int | None], np.ndarray]],
     config: ModelConfig,
 ) -> Iterator[tuple[str, np.ndarray]]:
-    """(hf name, HF-layout array) one tensor at a time; `params[path](layer)` fetches a block."""
-    for entry in tensor_map(config):
-        fetch = params[entry.path]
-        if entry.stacked:
-            for i, name in enumerate(entry.hf_names(config.num_hidden_layers)):
-                yield name, to_hf(entry.layout, fetch(i))
-        else:
-            yield entry.hf_name, to_hf(entry.layout, fetch(None))
+    """(hf name, HF-layout array) one tensor at a time; `params[path](layer)` fetches a block
+    (a fused tensor's parts are fetched and joined one layer at a time)."""
+    for group in hf_tensor_groups(tensor_map(config)):
+        first = group[0]
+        layers = range(config.num_hidden_layers) if first.stacked else [None]
+        for layer, name in zip(layers, first.hf_names(config.num_hidden_layers), strict=True):
+            parts = [to_hf(e.layout, params[e.path](layer)) for e in group]
+            yield name, parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)

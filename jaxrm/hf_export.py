@@ -66,6 +66,7 @@ from jaxrm.errors import UserError, write_failure
 from jaxrm.hf import (
     abstract_reward_model,
     hf_shape,
+    hf_tensor_groups,
     iter_hf_tensors,
     state_leaves,
     tensor_map,
@@ -96,10 +97,13 @@ def plan_tensors(config: ModelConfig, dtype: np.dtype) -> list[PlannedTensor]:
     _, abstract = abstract_reward_model(config)
     leaves = state_leaves(abstract)
     planned = []
-    for entry in tensor_map(config):
-        shape = tuple(leaves[entry.path].shape)
-        shape = hf_shape(entry.layout, shape[1:] if entry.stacked else shape)
-        for name in entry.hf_names(config.num_hidden_layers):
+    for group in hf_tensor_groups(tensor_map(config)):
+        shapes = []
+        for entry in group:
+            shape = tuple(leaves[entry.path].shape)
+            shapes.append(hf_shape(entry.layout, shape[1:] if entry.stacked else shape))
+        shape = (sum(s[0] for s in shapes), *shapes[0][1:]) if len(shapes) > 1 else shapes[0]
+        for name in group[0].hf_names(config.num_hidden_layers):
             planned.append(PlannedTensor(name, shape, dtype))
     return planned
 

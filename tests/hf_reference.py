@@ -57,7 +57,8 @@ def tiny_llama_config(variant: str = "gqa", **overrides):
 # Per family: transformers' config class and keyword arguments for a tiny model whose shapes catch
 # shortcuts: head_dim != hidden / heads, GQA, windows (5) shorter than the test sequences, soft-cap,
 # query_pre_attn_scalar != head_dim, a Gemma 3 layer count that is not a multiple of 6, rope
-# scaling (yarn with its attention factor, linear on Gemma 3's global layers only), tied embeddings.
+# scaling (yarn with its attention factor, linear on Gemma 3's global layers only), partial rotary
+# (Phi-3), tied embeddings.
 FAMILY_CONFIGS = {
     "qwen2": (
         "Qwen2Config",
@@ -121,6 +122,17 @@ FAMILY_CONFIGS = {
             rope_parameters=dict(
                 full_attention=dict(rope_type="linear", rope_theta=1_000_000.0, factor=2.0),
                 sliding_attention=dict(rope_type="default", rope_theta=10_000.0),
+            ),
+        ),
+    ),
+    "phi3": (
+        "Phi3Config",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=5,
+            rope_parameters=dict(
+                rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5
             ),
         ),
     ),

@@ -55,7 +55,7 @@ def test_model_type_picks_the_family():
 
 
 def test_an_unknown_model_type_is_one_line_naming_the_supported():
-    supported = "llama, qwen2, qwen3, mistral, olmo2, gemma2, gemma3_text, gemma3"
+    supported = "llama, qwen2, qwen3, mistral, olmo2, gemma2, gemma3_text, gemma3, phi3"
     with pytest.raises(UserError) as e:
         family_of({"model_type": "qwen3_moe"}, "m/config.json")
     assert (

@@ -38,6 +38,7 @@ ROPES = {
         rope_type="yarn", rope_theta=5e5, factor=8.0, attention_factor=1.2079, truncate=False
     ),
     "dynamic": dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0),
+    "partial": dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5),
 }
 
 
@@ -52,10 +53,10 @@ def transformers_rope(rope: dict, seq_len: int | None):
         max_position_embeddings=MAX_POSITIONS,
         rope_parameters=dict(rope),
     )
-    if rope["rope_type"] == "default":
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    if rope["rope_type"] == "default":  # Phi-3's default reads partial_rotary_factor
+        from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 
-        inv, factor = LlamaRotaryEmbedding.compute_default_rope_parameters(config)
+        inv, factor = Phi3RotaryEmbedding.compute_default_rope_parameters(config)
     else:
         inv, factor = ROPE_INIT_FUNCTIONS[rope["rope_type"]](config, None, seq_len=seq_len)
     return inv.numpy(), factor

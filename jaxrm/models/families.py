@@ -11,10 +11,11 @@ from jaxrm.models.gemma_hf import GEMMA2, GEMMA3
 from jaxrm.models.llama_hf import LLAMA
 from jaxrm.models.mistral_hf import MISTRAL
 from jaxrm.models.olmo2_hf import OLMO2
+from jaxrm.models.phi3_hf import PHI3
 from jaxrm.models.qwen_hf import QWEN2, QWEN3
 
 # Dense decoders only: mixture-of-experts families (qwen3_moe, olmoe, mixtral) are not read.
-FAMILIES: tuple[Family, ...] = (LLAMA, QWEN2, QWEN3, MISTRAL, OLMO2, GEMMA2, GEMMA3)
+FAMILIES: tuple[Family, ...] = (LLAMA, QWEN2, QWEN3, MISTRAL, OLMO2, GEMMA2, GEMMA3, PHI3)
 
 
 def supported_model_types() -> list[str]:

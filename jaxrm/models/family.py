@@ -34,6 +34,7 @@ class TensorMap:
     hf_name: str  # may contain {layer}
     layout: str  # how jaxrm's layout derives from HF's, see `jaxrm.hf._from_hf_slice`
     stacked: bool = False
+    part: tuple[int, int] | None = None  # rows [start, stop) of a fused HF tensor (Phi-3's qkv)
 
     def hf_names(self, num_layers: int) -> list[str]:
         if not self.stacked:

@@ -39,6 +39,9 @@ class Keys:
             raise UserError(f"config.json: missing key {key!r}")
         return value
 
+    def has(self, key: str) -> bool:
+        return self.hf.get(key) is not None
+
     def optional(self, key: str) -> Any:
         """A key whose null means off (a window, a soft-cap): the default only when absent."""
         return self.hf[key] if key in self.hf else self.defaults.get(key)

@@ -22,6 +22,10 @@ class Rope:
     theta: float = 10000.0
     rope_type: str = "default"
     params: tuple[tuple[str, Any], ...] = ()
+    partial_rotary_factor: float = 1.0  # the share of head_dim that rotates (the rest passes)
+
+    def rotary_dim(self, head_dim: int) -> int:
+        return int(head_dim * self.partial_rotary_factor)
 
     def get(self, key: str, default: Any = None) -> Any:
         return dict(self.params).get(key, default)
@@ -33,14 +37,14 @@ class Rope:
         rope = {k: v for k, v in rope.items() if v is not None}
         rope_type = rope.pop("rope_type", rope.pop("type", "default"))
         theta = float(rope.pop("rope_theta", theta))
+        partial = float(rope.pop("partial_rotary_factor", 1.0))
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"unsupported rope type {rope_type!r} (jaxrm reads {ROPE_TYPES})")
         if rope_type == "default":
-            return cls(theta)
+            return cls(theta, partial_rotary_factor=partial)
         if rope_type in ("llama3", "yarn"):
             rope.setdefault("original_max_position_embeddings", max_positions)
-        rope.pop("partial_rotary_factor", None)
-        return cls(theta, rope_type, tuple(sorted(rope.items())))
+        return cls(theta, rope_type, tuple(sorted(rope.items())), partial)
 
 
 def inverse_frequencies(
@@ -50,7 +54,7 @@ def inverse_frequencies(
     largest position + 1) matters only to `dynamic`, which rescales theta beyond
     `max_positions` as transformers does on a fresh model (its cache of the longest length seen
     is state jaxrm does not keep)."""
-    dim = head_dim
+    dim = rope.rotary_dim(head_dim)
     exponents = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
     base = rope.theta
     if rope.rope_type == "default":
@@ -121,7 +125,8 @@ def _yarn(rope: Rope, dim: int, max_positions: int) -> tuple[jax.Array, float]:
 def cos_sin(
     rope: Rope, head_dim: int, max_positions: int, positions: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-    """cos/sin tables [B, T, head_dim] float32 for positions [B, T] (HF's half-split layout)."""
+    """cos/sin tables [B, T, rotary dim] float32 for positions [B, T] (HF's half-split layout;
+    the rotary dim is head_dim unless the rope is partial)."""
     seq_len = jnp.max(positions) + 1
     inv_freq, attention_factor = inverse_frequencies(rope, head_dim, max_positions, seq_len)
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
@@ -130,12 +135,15 @@ def cos_sin(
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, in_float32: bool = False) -> jax.Array:
-    """x: [B, T, heads, head_dim]; cos/sin: [B, T, head_dim]. Like transformers, the tables are
-    cast to x's dtype, or (`in_float32`, OLMo 2) x is rotated in float32 and cast back."""
+    """x: [B, T, heads, head_dim]; cos/sin: [B, T, rotary dim] (the first rotary dims of each
+    head rotate, the rest pass). Like transformers, the tables are cast to x's dtype, or
+    (`in_float32`, OLMo 2) x is rotated in float32 and cast back."""
     dtype = jnp.float32 if in_float32 else x.dtype
-    y = x.astype(dtype)
+    rot = cos.shape[-1]
+    y = x[..., :rot].astype(dtype)
     cos = cos[:, :, None, :].astype(dtype)
     sin = sin[:, :, None, :].astype(dtype)
-    half = y.shape[-1] // 2
+    half = rot // 2
     rotated = jnp.concatenate([-y[..., half:], y[..., :half]], axis=-1)
-    return (y * cos + rotated * sin).astype(x.dtype)
+    out = (y * cos + rotated * sin).astype(x.dtype)
+    return out if rot == x.shape[-1] else jnp.concatenate([out, x[..., rot:]], axis=-1)
