@@ -21,8 +21,9 @@ On a host without N accelerators the devices are fake CPU devices (scripts/memor
 `--xla_force_host_platform_device_count`), so the analysis is XLA:CPU's, which keeps more of the
 bf16 work in float32 than the GPU and TPU compilers: it over-estimates their temporaries
 (benchmarks/RESULTS.md, "Memory plan": one 8B step came to 86 GiB by XLA:CPU and 69 GiB by the
-GPU compiler). `dtype` auto plans the accelerators' bf16; cuDNN attention cannot be compiled by
-XLA:CPU, so `auto` and `cudnn` are planned with `flash`, which likewise never forms T x T.
+GPU compiler). `dtype` auto plans the accelerators' bf16; the accelerators' attention kernels
+(cuDNN, splash) cannot be compiled by XLA:CPU, so the mask kinds `auto` gives them are planned with
+`flash`, which likewise never forms T x T.
 
 `--largest` also finds the largest micro-batch per device (packed rows, or padded pairs) whose
 peak fits in `--memory_gb` (GB = 10^9 bytes), planning each size it tries. The last line printed is
@@ -46,15 +47,16 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxrm.backends import AUTO, Execution, resolve_execution
+from jaxrm.backends import AUTO, Execution, compiled_by
 from jaxrm.config import get_config
 from jaxrm.data.batch import FIELDS, PACKED_FIELDS, Field, batch_shardings, field_shapes
 from jaxrm.errors import UserError, exit_on_user_error
 from jaxrm.hf import model_architecture
 from jaxrm.hf import read_config_file as read_model_config
 from jaxrm.logs import setup_logging
+from jaxrm.models.attention import IMPLEMENTATIONS
 from jaxrm.objective import METRIC_SUM_KEYS, Objective
-from jaxrm.plan import abstract_opt_state, make_plan, model_config
+from jaxrm.plan import abstract_opt_state, make_plan, resolve
 from jaxrm.sharding import (
     MESH_AXES,
 )
@@ -62,8 +64,8 @@ from jaxrm.step import make_train_step
 
 GIB = 1024**3
 ANALYSIS = "XLA:CPU"
-# The backends-table row planned: an accelerator (bf16 for dtype auto) whose attention choices
-# (flash, xla) XLA:CPU compiles; a GPU's cuDNN cannot be, and `flash` likewise never forms T x T.
+# The backends-table row planned: an accelerator (bf16 for dtype auto); its attention kernels are
+# planned with what XLA:CPU compiles (`compiled_by`).
 PLANNED_BACKEND = "tpu"
 
 
@@ -115,11 +117,14 @@ def batch_structs(fields: dict[str, Field], shapes: dict[str, tuple[int, ...]], 
 
 
 def execution(cfg: ml_collections.ConfigDict, hf_config: dict[str, Any]) -> Execution:
-    """The compute dtype and attention planned: what the backends table resolves on an
-    accelerator whose attention XLA:CPU compiles too (cuDNN is planned as `auto`, see above)."""
-    attention = AUTO if cfg.attention == "cudnn" else cfg.attention
-    head_dim = model_config(hf_config).head_dim
-    return resolve_execution(cfg.dtype, attention, PLANNED_BACKEND, head_dim, cfg.batch_layout)
+    """The compute dtype and attention planned: the run plan's resolution on an accelerator
+    (`PLANNED_BACKEND`; an attention set for another accelerator is planned as `auto`), with each
+    mask kind's kernel that XLA:CPU cannot compile planned with the CPU's (see above)."""
+    planned = cfg.copy_and_resolve_references()
+    attention = IMPLEMENTATIONS.get(planned.attention)
+    if attention is not None and attention.misfit("causal", backend=PLANNED_BACKEND):
+        planned.attention = AUTO
+    return compiled_by(resolve(planned, hf_config, PLANNED_BACKEND), "cpu")
 
 
 def plan(
@@ -143,7 +148,13 @@ def plan(
     shardings = jax.tree.map(lambda x: x.sharding, state)
     objective = Objective(1, cfg.use_margin, cfg.center_rewards_coefficient)
     step = make_train_step(
-        run.graphdef, optimizer, mesh, shardings, objective, packed=run.pack is not None
+        run.graphdef,
+        optimizer,
+        mesh,
+        shardings,
+        objective,
+        packed=run.pack is not None,
+        shared_prefix=run.pack is not None and run.pack.share_prefix,
     )
     replicated_sharding = NamedSharding(mesh, PartitionSpec())
     scalar = struct((), jnp.float32, replicated_sharding)

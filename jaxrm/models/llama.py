@@ -25,11 +25,12 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxrm.models.attention import (
-    ATTENTION_IMPLEMENTATIONS,
     DEFAULT_BLOCK,
+    Choice,
     Logits,
     Mask,
     attend,
+    check_model_attention,
     prepare_mask,
 )
 from jaxrm.models.remat import REMAT_POLICIES
@@ -63,14 +64,13 @@ class LlamaConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat_policy: str = "none"
-    attention: str = "xla"
+    attention: str | Choice = "xla"  # one implementation, or one per mask kind
     attention_block_size: int = DEFAULT_BLOCK
 
     def __post_init__(self) -> None:
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}")
-        if self.attention not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}")
+        check_model_attention(self.attention)
 
     def replace(self, **changes: Any) -> LlamaConfig:
         return dataclasses.replace(self, **changes)

@@ -1,0 +1,207 @@
+"""The attention table: what each implementation declares it can express, `auto` and explicit
+choices per mask kind, and the accelerator kernels run on the CPU against the T x T reference:
+cuDNN's wrapper and masks through XLA (`implementation=None`, the same code path), splash in
+Pallas' interpret mode. Values and gradients, for every mask kind and feature each claims."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrm.backends import resolve_execution
+from jaxrm.errors import UserError
+from jaxrm.models.attention import (
+    IMPLEMENTATIONS,
+    KERNELS,
+    MASK_KINDS,
+    Choice,
+    Features,
+    Implementation,
+    Logits,
+    Mask,
+    attend,
+    padded_rows_as_segments,
+    prepare_mask,
+    reference_attention,
+)
+from jaxrm.models.attention.cudnn import fused_attention, prepare
+from jaxrm.models.attention.mask import dense_mask
+from jaxrm.models.attention.table import choose
+from tests.test_attention import qkv, random_layout, tree_positions
+
+
+def masks(rows: int, length: int, seed: int) -> dict[str, Mask]:
+    """One mask of each kind over the same rows (packed ones with padding at the end)."""
+    seg, branch = random_layout(rows, length, seed=seed, share=True)
+    pos = jnp.asarray(tree_positions(seg, branch))
+    plain, _ = random_layout(rows, length, seed=seed, share=False)
+    plain_pos = jnp.asarray(tree_positions(plain, jnp.zeros_like(plain)))
+    return {
+        "causal": Mask(positions=jnp.broadcast_to(jnp.arange(length), (rows, length))),
+        "segments": Mask(plain, None, plain_pos),
+        "tree": Mask(seg, branch, pos),
+    }
+
+
+def assert_matches_reference(run, q, k, v, cotangent, mask: Mask, logits: Logits, atol: float):
+    """`run(q, k, v)` equals the reference under `mask` in values and q/k/v gradients."""
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * cotangent)
+
+    ref = lambda q, k, v: reference_attention(q, k, v, mask, logits)  # noqa: E731
+    np.testing.assert_allclose(run(q, k, v), ref(q, k, v), atol=atol)
+    got = jax.grad(loss(run), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want, strict=True):
+        assert np.isfinite(np.asarray(g)).all()
+        np.testing.assert_allclose(g, w, atol=10 * atol)
+
+
+@pytest.mark.parametrize("kind", MASK_KINDS)
+@pytest.mark.parametrize("window", [None, 11])
+def test_cudnn_wrapper_and_its_masks_equal_the_reference(kind, window):
+    """The cuDNN entry's code path with XLA underneath: the dense mask prepared once (padding
+    queries reading themselves, zeroed after), a traced per-layer window ANDed in the layer."""
+    rows, length = 2, 128
+    mask = masks(rows, length, seed=4)[kind]
+    prepared = prepare(mask)
+    assert (prepared.prepared is None) == (kind == "causal")
+    if window is not None:
+        prepared = prepared._replace(window=jnp.int32(window))
+        mask = mask._replace(window=jnp.int32(window))
+    q, k, v, cotangent = qkv(rows, length, 4, 2, 16, seed=6)
+    logits = Logits(0.3)
+    run = lambda q, k, v: fused_attention(q, k, v, prepared, logits, None)  # noqa: E731
+    assert_matches_reference(run, q, k, v, cotangent, mask, logits, atol=2e-6)
+
+
+def test_the_dense_mask_leaves_no_row_empty():
+    mask = masks(2, 128, seed=8)["tree"]
+    allowed = np.asarray(dense_mask(mask, mask.segment_ids.shape))
+    assert allowed.any(axis=-1).all()
+    padding = np.asarray(mask.segment_ids) == 0
+    assert padding.any()
+    rows, queries = np.nonzero(padding)
+    assert (allowed[rows, queries].sum(axis=-1) == 1).all()  # itself only
+    assert allowed[rows, queries, queries].all()
+
+
+@pytest.mark.parametrize(
+    "kind, softcap, rows, length",
+    [
+        ("causal", None, 1, 128),
+        ("segments", 3.0, 1, 256),
+        ("tree", 2.0, 2, 256),
+    ],
+)
+def test_splash_in_interpret_mode_equals_the_reference(kind, softcap, rows, length):
+    """Splash (TPU) run by Pallas' interpreter: GQA, padding, soft-cap, scale; the tree as the
+    prepared dynamic mask (block maps built once, before the layer scan)."""
+    mask = masks(rows, length, seed=length + rows)[kind]
+    q, k, v, cotangent = qkv(rows, length, 4, 2, 128, seed=1)
+    logits = Logits(0.05, softcap)
+    prepared = prepare_mask(mask, "splash")
+    assert (prepared.prepared is not None) == (kind == "tree")
+    run = lambda q, k, v: attend(q, k, v, prepared, "splash", logits)  # noqa: E731
+    assert_matches_reference(run, q, k, v, cotangent, mask, logits, atol=2e-5)
+
+
+def test_splash_runs_right_padded_rows_as_segments_of_any_length():
+    """Padded rows of a length that is no multiple of 128 (padded inside), padding apart."""
+    rows, length = 2, 100
+    real = np.arange(length)[None] < np.array([[70], [100]])
+    mask = Mask(jnp.asarray(real, jnp.int32))
+    q, k, v, cotangent = qkv(rows, length, 2, 1, 128, seed=2)
+    assert padded_rows_as_segments("splash") and not padded_rows_as_segments("cudnn")
+    run = lambda q, k, v: attend(q, k, v, mask, "splash")  # noqa: E731
+    logits = Logits(128**-0.5)
+    assert_matches_reference(run, q, k, v, cotangent, mask, logits, atol=2e-5)
+
+
+def test_each_implementation_declares_what_its_kernels_refuse():
+    """A declared inability is a refusal of the kernel, never a silent wrong answer."""
+    q, k, v, _ = qkv(1, 128, 2, 1, 128)
+    seg = jnp.ones((1, 128), jnp.int32)
+    assert not IMPLEMENTATIONS["cudnn"].softcap and not IMPLEMENTATIONS["splash"].window
+    with pytest.raises(ValueError, match="cannot soft-cap"):
+        attend(q, k, v, Mask(seg), "cudnn", Logits(0.1, 2.0))
+    with pytest.raises(ValueError, match="cannot slide a window"):
+        attend(q, k, v, Mask(seg, window=16), "splash")
+    for name, implementation in IMPLEMENTATIONS.items():
+        assert set(implementation.kernels) <= set(MASK_KINDS)
+        for kind, kernel in implementation.kernels.items():
+            assert KERNELS[kind][name] is kernel
+
+
+@pytest.mark.parametrize(
+    "backend, head_dim, features, expected",
+    [
+        ("gpu", 128, Features(), "cudnn"),
+        ("gpu", 256, Features(), "flash"),  # beyond cuDNN's head_dim
+        ("gpu", 128, Features(softcap=True), "flash"),  # Gemma 2: cuDNN has no soft-cap
+        ("gpu", 128, Features(window=True), "cudnn"),  # windows by position: the mask
+        ("tpu", 128, Features(softcap=True), "splash"),
+        ("tpu", 128, Features(window=True), "flash"),  # splash slides by row offset only
+        ("tpu", 64, Features(), "flash"),
+        ("cpu", 128, Features(softcap=True, window=True), "flash"),
+    ],
+)
+def test_auto_per_mask_kind_follows_the_backend_and_the_model(
+    backend, head_dim, features, expected
+):
+    for layout, sharing in (("padded", True), ("packed", True), ("packed", False)):
+        run = resolve_execution(
+            "auto", "auto", backend, head_dim, layout, prefix_sharing=sharing, features=features
+        )
+        assert run.kernels == Choice.uniform(expected) and run.attention == expected
+    kind = resolve_execution("auto", "auto", "cpu", 64, "packed", prefix_sharing=False).kind
+    assert kind == "segments"
+
+
+@pytest.mark.parametrize(
+    "attention, backend, features, message",
+    [
+        (
+            "cudnn",
+            "gpu",
+            Features(softcap=True),
+            "'attention': cudnn attention cannot soft-cap logits (the model's are); tree masks "
+            "here can run flash, xla (leave it at 'auto' to choose)",
+        ),
+        (
+            "splash",
+            "tpu",
+            Features(window=True),
+            "splash attention cannot slide a window by position (the model's layers do); tree "
+            "masks here can run flash, xla",
+        ),
+        ("splash", "gpu", Features(), "needs a tpu backend, not gpu; tree masks here can run"),
+    ],
+)
+def test_an_impossible_explicit_choice_is_one_line_naming_what_can(
+    attention, backend, features, message
+):
+    with pytest.raises(UserError) as error:
+        resolve_execution("auto", attention, backend, 128, "packed", features=features)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_choices_differ_per_kind_where_an_implementation_lacks_one():
+    """A kernel for packed rows only: auto takes it there and the next one for causal rows; an
+    explicit choice of it is refused only where the run meets causal rows."""
+    table = {
+        "packed_only": Implementation("packed_only", {"segments": None, "tree": None}),
+        "xla": IMPLEMENTATIONS["xla"],
+    }
+    args = (("packed_only", "xla"), ("tree", "segments"), Features(), "cpu", "float32", 64)
+    chosen = choose(table, "auto", *args)
+    assert chosen.choice == Choice("xla", "packed_only", "packed_only")
+    assert chosen.choice.describe() == "causal xla, segments packed_only, tree packed_only"
+    assert choose(table, "packed_only", *args).choice == chosen.choice
+    refused = choose(table, "packed_only", args[0], ("causal", "segments"), *args[2:])
+    assert refused == (
+        "packed_only attention cannot express causal masks; causal masks here can run xla"
+    )
