@@ -205,3 +205,44 @@ def test_choices_differ_per_kind_where_an_implementation_lacks_one():
     assert refused == (
         "packed_only attention cannot express causal masks; causal masks here can run xla"
     )
+
+
+def test_packed_rows_without_shared_prompts_run_the_segments_kind(tmp_path):
+    """The step gives the model no branches when prompts are not shared, so the plan's
+    `segments` implementation runs (here `tree` is one the CPU cannot run), and the rewards
+    equal those of right-padded rows."""
+    from flax import nnx
+
+    from jaxrm.data.packing import PackSpec, pack
+    from jaxrm.data.pairs import Pairs, Ragged
+    from jaxrm.hf import load_reward_model
+    from jaxrm.objective import Objective
+    from jaxrm.sharding import make_mesh
+    from jaxrm.step import pair_rewards
+    from tests.hf_reference import save_tiny_classifier
+    from tests.test_train_step import contract_batch, random_pairs
+
+    save_tiny_classifier(tmp_path, "gqa", seed=3)
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    choice = Choice("xla", "flash", "cudnn")
+    model, _, _ = load_reward_model(str(tmp_path), mesh, attention=choice)
+    graphdef, params = nnx.split(model)
+    pairs = random_pairs(4, seed=1)
+    data = Pairs(
+        Ragged.from_lists([c for c, _ in pairs]),
+        Ragged.from_lists([r for _, r in pairs]),
+        np.zeros(len(pairs), np.float32),
+        np.zeros(len(pairs), np.int32),
+        0,
+    )
+    spec = PackSpec(length=128, rows=1, devices=1, slots=len(pairs), share_prefix=False)
+    (micro,) = pack(data, np.arange(len(pairs)), spec)
+    micro = {k: jnp.asarray(v) for k, v in micro.items()}
+    chosen, rejected, _, _ = pair_rewards(graphdef, params, micro, Objective(1), False)
+    padded = contract_batch(pairs, 1, width=32)
+    rewards = model(*(jnp.asarray(padded[k][0]) for k in ("input_ids", "attention_mask")))
+    by_pair = sorted(zip(np.asarray(chosen), np.asarray(rejected), strict=True))  # slot order
+    want = sorted(zip(np.asarray(rewards[:4]), np.asarray(rewards[4:]), strict=True))
+    np.testing.assert_allclose(by_pair, want, atol=1e-5)
+    with pytest.raises(Exception, match="(?i)cudnn|gpu"):  # with branches: the tree kind
+        pair_rewards(graphdef, params, micro, Objective(1), True)
