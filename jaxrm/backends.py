@@ -108,6 +108,16 @@ def resolve_execution(
     return Execution(dtype, reason, chosen.choice, kind)
 
 
+def attention_misfit(
+    implementation: str, backend: str, dtype: str, head_dim: int | None, layout: str = "padded"
+) -> str | None:
+    """Why `implementation` cannot run a `layout`'s training mask kind here (None: it can)."""
+    kind = mask_kinds(layout)[0]
+    return IMPLEMENTATIONS[implementation].misfit(
+        kind, backend=backend, dtype=dtype, head_dim=head_dim
+    )
+
+
 def compiled_by(run: Execution, backend: str) -> Execution:
     """`run` with each mask kind's implementation that cannot run on `backend` replaced by what
     `auto` picks there (a memory plan compiles an accelerator's step with XLA:CPU)."""
