@@ -246,3 +246,30 @@ def test_packed_rows_without_shared_prompts_run_the_segments_kind(tmp_path):
     np.testing.assert_allclose(by_pair, want, atol=1e-5)
     with pytest.raises(Exception, match="(?i)cudnn|gpu"):  # with branches: the tree kind
         pair_rewards(graphdef, params, micro, Objective(1), True)
+
+
+def test_splash_per_device_under_a_mesh_with_block_maps_prepared_once():
+    """Rows over fsdp, heads over tensor: each device runs splash on its rows and heads, the
+    prepared per-row block maps split with the rows."""
+    from jax.sharding import NamedSharding
+
+    from jaxrm.sharding import activation_sharding, activation_specs, make_mesh
+
+    mesh = make_mesh(1, 2, 2, devices=jax.devices()[:4])
+    mask = masks(2, 128, seed=12)["tree"]
+    q, k, v, _ = qkv(2, 128, 4, 2, 128, seed=5)
+    names = (("batch", "length", "act_heads", None), ("batch", "length", "act_kv_heads", None))
+    with activation_sharding(mesh):
+        _, specs = activation_specs((*names, ("batch", "length")), (q, k, mask.segment_ids))
+    assert specs[0] == jax.sharding.PartitionSpec("fsdp", None, "tensor", None)
+
+    @jax.jit
+    def run(q, k, v, mask):
+        prepared = prepare_mask(mask, "splash")
+        return attend(q, k, v, prepared, "splash", mesh=mesh, specs=specs)
+
+    place = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
+    rows = [place(x, specs[2]) for x in (mask.segment_ids, mask.branch_ids, mask.positions)]
+    got = run(place(q, specs[0]), place(k, specs[1]), place(v, specs[1]), Mask(*rows))
+    want = reference_attention(q, k, v, mask, Logits(128**-0.5))
+    np.testing.assert_allclose(got, want, atol=2e-5)
