@@ -35,8 +35,10 @@ from tests.test_attention import qkv, random_layout, tree_positions
 def masks(rows: int, length: int, seed: int) -> dict[str, Mask]:
     """One mask of each kind over the same rows (packed ones with padding at the end)."""
     seg, branch = random_layout(rows, length, seed=seed, share=True)
+    seg, branch = seg.at[:, -8:].set(0), branch.at[:, -8:].set(0)  # padding in every row
     pos = jnp.asarray(tree_positions(seg, branch))
     plain, _ = random_layout(rows, length, seed=seed, share=False)
+    plain = plain.at[:, -8:].set(0)
     plain_pos = jnp.asarray(tree_positions(plain, jnp.zeros_like(plain)))
     return {
         "causal": Mask(positions=jnp.broadcast_to(jnp.arange(length), (rows, length))),
@@ -93,13 +95,12 @@ def test_the_dense_mask_leaves_no_row_empty():
     "kind, softcap, rows, length",
     [
         ("causal", None, 1, 128),
-        ("segments", 3.0, 1, 256),
-        ("tree", 2.0, 2, 256),
+        ("tree", 2.0, 2, 128),
     ],
 )
 def test_splash_in_interpret_mode_equals_the_reference(kind, softcap, rows, length):
     """Splash (TPU) run by Pallas' interpreter: GQA, padding, soft-cap, scale; the tree as the
-    prepared dynamic mask (block maps built once, before the layer scan)."""
+    prepared dynamic mask (block maps built once, before the layer scan). Segments: below."""
     mask = masks(rows, length, seed=length + rows)[kind]
     q, k, v, cotangent = qkv(rows, length, 4, 2, 128, seed=1)
     logits = Logits(0.05, softcap)
@@ -109,15 +110,17 @@ def test_splash_in_interpret_mode_equals_the_reference(kind, softcap, rows, leng
     assert_matches_reference(run, q, k, v, cotangent, mask, logits, atol=2e-5)
 
 
-def test_splash_runs_right_padded_rows_as_segments_of_any_length():
-    """Padded rows of a length that is no multiple of 128 (padded inside), padding apart."""
+def test_splash_runs_segments_and_right_padded_rows_of_any_length():
+    """Segment ids (right-padded rows run as one segment each, padding apart; here two sequences
+    in the second row), a length that is no multiple of 128 (padded inside), soft-cap."""
     rows, length = 2, 100
-    real = np.arange(length)[None] < np.array([[70], [100]])
-    mask = Mask(jnp.asarray(real, jnp.int32))
+    seg = (np.arange(length)[None] < np.array([[70], [100]])).astype(np.int32)
+    seg[1, 40:] = 2
+    mask = Mask(jnp.asarray(seg))
     q, k, v, cotangent = qkv(rows, length, 2, 1, 128, seed=2)
     assert padded_rows_as_segments("splash") and not padded_rows_as_segments("cudnn")
-    run = lambda q, k, v: attend(q, k, v, mask, "splash")  # noqa: E731
-    logits = Logits(128**-0.5)
+    logits = Logits(128**-0.5, 3.0)
+    run = lambda q, k, v: attend(q, k, v, mask, "splash", logits)  # noqa: E731
     assert_matches_reference(run, q, k, v, cotangent, mask, logits, atol=2e-5)
 
 
