@@ -137,30 +137,28 @@ def compiled_by(run: Execution, backend: str) -> Execution:
     )
 
 
-def model_head_dim(model_name_or_path: str, revision: str = "") -> int:
-    """head_dim from the model's config.json alone (see `jaxrm.hf.model_architecture`)."""
-    hf_config, _ = model_architecture(model_name_or_path, revision or None)
-    return model_config_from_hf(hf_config).head_dim
-
-
 def with_backend_defaults(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A copy of `cfg` whose `dtype` and `attention` are resolved for the default JAX backend
-    and the model's head_dim."""
-    head_dim = model_head_dim(cfg.model_name_or_path, cfg.model_revision)
+    and the model (its head_dim and attention features, from its config.json alone: see
+    `jaxrm.hf.model_architecture`)."""
+    hf_config, _ = model_architecture(cfg.model_name_or_path, cfg.model_revision or None)
+    model = model_config_from_hf(hf_config)
     run = resolve_execution(
         cfg.dtype,
         cfg.attention,
         jax.default_backend(),
-        head_dim,
+        model.head_dim,
         cfg.batch_layout,
         prefix_sharing=cfg.prefix_sharing,
+        features=Features.of(model),
     )
     return with_execution(cfg, run)
 
 
 def with_execution(cfg: ml_collections.ConfigDict, run: Execution) -> ml_collections.ConfigDict:
     """A copy of `cfg` whose `dtype` and `attention` are those of `run` (logged with why)."""
-    log.info("compute dtype %s, attention %s (%s)", run.dtype, run.attention, run.reason)
+    attention = run.kernels.describe()  # one name, or one per mask kind where they differ
+    log.info("compute dtype %s, attention %s (%s)", run.dtype, attention, run.reason)
     resolved = cfg.copy_and_resolve_references()
     resolved.dtype, resolved.attention = run.dtype, run.attention
     return resolved
