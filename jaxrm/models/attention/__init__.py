@@ -23,8 +23,6 @@ CPU's), `cudnn` (cuDNN flash attention, packed masks as a dense array: `cudnn.py
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 from jax.sharding import PartitionSpec
 
@@ -38,13 +36,12 @@ from jaxrm.models.attention.table import (
     Choice,
     Features,
     Implementation,
+    Kernel,
     check_attention,
     implementation_name,
 )
 
 DEFAULT_BLOCK = 128
-
-Kernel = Callable[..., jax.Array]
 
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
