@@ -14,7 +14,8 @@ Each may carry the model's sliding window (by token position) and its logits' sc
 
 Implementations: `xla` (T x T scores: the tests' reference, `reference.py`, or XLA's fused
 attention where it can express the mask), `flash` (a blocked kernel in plain JAX that never forms
-T x T and skips dead blocks, `flash.py`), `cudnn` (cuDNN flash attention, right-padded rows).
+T x T and skips dead blocks, `flash.py`), `cudnn` (cuDNN flash attention, right-padded rows),
+`pallas` (block-sparse flash attention in Pallas for GPUs, every mask kind, `pallas_gpu.py`).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from jax.sharding import PartitionSpec
 
 from jaxrm.models.attention.flash import flash_packed
 from jaxrm.models.attention.mask import NO_WINDOW, Logits, Mask, allowed_pairs
+from jaxrm.models.attention.pallas_gpu import pallas_packed
 from jaxrm.models.attention.reference import reference_attention
 
 DEFAULT_BLOCK = 128
-ATTENTION_IMPLEMENTATIONS = ("flash", "xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("flash", "xla", "cudnn", "pallas")
 
 Kernel = Callable[..., jax.Array]
 
@@ -106,7 +108,8 @@ KERNELS: dict[str, dict[str, Kernel]] = {
         "xla": _fused_causal(None),
         "cudnn": _fused_causal("cudnn"),
         "flash": _fused_causal(None),
+        "pallas": pallas_packed,
     },
-    "segments": {"flash": flash_packed, "xla": _reference},
-    "tree": {"flash": flash_packed, "xla": _reference},
+    "segments": {"flash": flash_packed, "xla": _reference, "pallas": pallas_packed},
+    "tree": {"flash": flash_packed, "xla": _reference, "pallas": pallas_packed},
 }

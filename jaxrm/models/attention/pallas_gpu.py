@@ -1,0 +1,424 @@
+"""`pallas`: block-sparse flash attention written in Pallas for GPUs (Triton lowering), with its
+own backward pass, for every mask kind (causal, segments, tree), windows by position, soft-cap
+and scale.
+
+Per call, plain JAX (no loop) summarizes every block of the row (segment, branch and position
+ranges of its real tokens) and lists, for each query block, the key blocks that may hold an
+allowed pair (and for each key block, the query blocks): segments are contiguous, so they lie
+between the first block of the query block's earliest segment and the query block itself, minus
+the rectangles of one rest against the other and the blocks out of the window by position
+(`live_block_pairs`, a superset of the blocks with an allowed pair; the kernels mask the pairs
+exactly). The kernels then loop over their list only (FlashAttention-2):
+
+- forward, one program per (query block, row, head): output and log-sum-exp;
+- backward, dK/dV with one program per (key block, row, key/value head), looping over the query
+  heads of its group and the listed query blocks, and dQ with one program per (query block, row,
+  head); soft-cap's derivative included.
+
+A query with no allowed key (padding) gets output 0, log-sum-exp -inf and zero gradients. The
+compiled program holds no XLA loop over blocks: every loop runs inside a kernel. Off a GPU the
+kernels run in Pallas' interpret mode (the tests' mode; slow).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+from jax.sharding import PartitionSpec
+
+from jaxrm.models.attention.flash import per_device
+from jaxrm.models.attention.mask import Logits, Mask, cap, cap_derivative
+
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # a masked score (finite: no inf - inf)
+_FAR = 2**29  # bigger than any position, small enough that differences fit in int32
+
+
+class BlockSizes(NamedTuple):
+    """Tile sizes of the three kernels (query x key rows per tile; powers of two, >= 16)."""
+
+    block_q: int = 128  # forward
+    block_k: int = 64
+    block_q_dkv: int = 32  # backward, dK/dV (programs over key blocks)
+    block_k_dkv: int = 128
+    block_q_dq: int = 128  # backward, dQ (programs over query blocks)
+    block_k_dq: int = 32
+    num_warps: int | None = None  # None: 4 up to head_dim 64, else 8
+    num_stages: int = 2
+
+
+def default_blocks(head_dim: int) -> BlockSizes:
+    """Tiles for an H100 (untuned: Triton's FlashAttention-2 tutorial's, smaller for head_dim
+    256 so that the tiles fit in shared memory)."""
+    if head_dim <= 128:
+        return BlockSizes()
+    return BlockSizes(64, 32, 32, 64, 64, 32)
+
+
+def pallas_packed(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: Mask,
+    logits: Logits,
+    block: int,
+    mesh: jax.sharding.Mesh | None,
+    specs: tuple[PartitionSpec, PartitionSpec, PartitionSpec] | None,
+) -> jax.Array:
+    """The table's entry for every mask kind (right-padded rows are one segment). `block` is
+    `flash`'s; the tiles are `default_blocks`. Under a mesh it runs per device on its rows."""
+    del block
+    kernel = functools.partial(pallas_attention, logits=logits)
+    return per_device(kernel, q, k, v, mask, mesh, specs)
+
+
+def pallas_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array,
+    branch_ids: jax.Array,
+    positions: jax.Array,
+    window: jax.Array | int,
+    *,
+    logits: Logits,
+    blocks: BlockSizes | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """q [B, T, H, Dh], k/v [B, T, K, Dh] (H a multiple of K), ids and positions [B, T] int32,
+    window an int32 scalar (NO_WINDOW for none) -> [B, T, H, Dh] in q.dtype. The length is
+    padded to a multiple of the tiles (padding tokens: segment 0) and the head dim to a power of
+    two (zeros), in plain JAX outside the kernels. `interpret` None: off a GPU only."""
+    rows, length, heads, dim = q.shape
+    if heads % k.shape[2]:
+        raise ValueError(f"{heads} query heads are not a multiple of {k.shape[2]} kv heads")
+    blocks = blocks or default_blocks(dim)
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    tile = max(blocks[:6])
+    padded = -(-length // tile) * tile
+    dim_padded = max(16, pl.next_power_of_2(dim))
+
+    def pad(x: jax.Array) -> jax.Array:
+        widths = [(0, 0), (0, padded - length)] + [(0, 0)] * (x.ndim - 2)
+        if x.ndim == 4:
+            widths[-1] = (0, dim_padded - dim)
+        return jnp.pad(x, widths) if any(w != (0, 0) for w in widths) else x
+
+    tokens = tuple(pad(x.astype(jnp.int32)) for x in (segment_ids, branch_ids, positions))
+    window = jnp.asarray(window, jnp.int32).reshape(1)
+    tables = block_tables(*tokens, window[0], blocks)
+    out = _attention(
+        pad(q), pad(k), pad(v), tokens, window, tables, logits, blocks, bool(interpret)
+    )
+    return out[:, :length, :, :dim]
+
+
+class Tables(NamedTuple):
+    """Per row, the blocks each program visits: [count, index, index, ...] (count live blocks
+    first, in increasing order, then padding)."""
+
+    forward: jax.Array  # [B, T/block_q, 1 + T/block_k]: key blocks per query block
+    dkv: jax.Array  # [B, T/block_k_dkv, 1 + T/block_q_dkv]: query blocks per key block
+    dq: jax.Array  # [B, T/block_q_dq, 1 + T/block_k_dq]: key blocks per query block
+
+
+def block_tables(
+    segment_ids: jax.Array,
+    branch_ids: jax.Array,
+    positions: jax.Array,
+    window: jax.Array | int,
+    blocks: BlockSizes,
+) -> Tables:
+    """The visit lists of the three kernels (plain JAX, once per call)."""
+    live = functools.partial(live_block_pairs, segment_ids, branch_ids, positions, window)
+    return Tables(
+        _listed(live(blocks.block_q, blocks.block_k)),
+        _listed(jnp.swapaxes(live(blocks.block_q_dkv, blocks.block_k_dkv), 1, 2)),
+        _listed(live(blocks.block_q_dq, blocks.block_k_dq)),
+    )
+
+
+def _listed(live: jax.Array) -> jax.Array:
+    """[..., n] bool -> [..., 1 + n] int32: the count of live entries, then their indices."""
+    n = live.shape[-1]
+    index = jnp.arange(n, dtype=jnp.int32)
+    order = jnp.minimum(jnp.sort(jnp.where(live, index, n), axis=-1), n - 1)
+    count = jnp.sum(live, axis=-1, dtype=jnp.int32)
+    return jnp.concatenate([count[..., None], order], axis=-1).astype(jnp.int32)
+
+
+class _Summary(NamedTuple):
+    """Per block, over its real tokens: segment and position ranges, its rest (> 0 when all its
+    tokens are one rest of one segment); `seg_hi` 0 for a block without real tokens."""
+
+    seg_lo: jax.Array
+    seg_hi: jax.Array
+    rest: jax.Array
+    pos_lo: jax.Array
+    pos_hi: jax.Array
+
+
+def _summary(segment_ids, branch_ids, positions, block: int) -> _Summary:
+    rows, length = segment_ids.shape
+    shape = (rows, length // block, block)
+    real = (segment_ids > 0).reshape(shape)
+
+    def lo(x, empty):
+        return jnp.min(jnp.where(real, x.reshape(shape), empty), axis=-1)
+
+    def hi(x, empty):
+        return jnp.max(jnp.where(real, x.reshape(shape), empty), axis=-1)
+
+    seg_lo, seg_hi = lo(segment_ids, _FAR), hi(segment_ids, 0)
+    br_lo, br_hi = lo(branch_ids, _FAR), hi(branch_ids, -1)
+    rest = jnp.where((seg_lo == seg_hi) & (br_lo == br_hi) & (br_lo > 0), br_lo, 0)
+    return _Summary(seg_lo, seg_hi, rest, lo(positions, _FAR), hi(positions, -_FAR))
+
+
+def live_block_pairs(
+    segment_ids: jax.Array,
+    branch_ids: jax.Array,
+    positions: jax.Array,
+    window: jax.Array | int,
+    block_q: int,
+    block_k: int,
+) -> jax.Array:
+    """[B, T/block_q, T/block_k] bool: the (query block, key block) pairs a kernel visits, every
+    pair holding an allowed (query, key) and few others: the key block starts at or before the
+    query block's last row, both blocks have real tokens and overlapping segment ranges, they are
+    not one rest against another rest of the same segment, and the smallest query position minus
+    the largest key position is inside the window."""
+    qs = _summary(segment_ids, branch_ids, positions, block_q)
+    ks = _summary(segment_ids, branch_ids, positions, block_k)
+    nq, nk = qs.seg_lo.shape[1], ks.seg_lo.shape[1]
+    first_key = jnp.arange(nk)[None, :] * block_k
+    last_query = jnp.arange(nq)[:, None] * block_q + block_q - 1
+    causal = first_key <= last_query
+    q_ = jax.tree.map(lambda x: x[:, :, None], qs)
+    k_ = jax.tree.map(lambda x: x[:, None, :], ks)
+    overlap = (
+        (q_.seg_hi > 0) & (k_.seg_hi > 0) & (k_.seg_hi >= q_.seg_lo) & (k_.seg_lo <= q_.seg_hi)
+    )
+    other_rest = (q_.rest > 0) & (k_.rest > 0) & (q_.rest != k_.rest) & (q_.seg_lo == k_.seg_lo)
+    in_window = q_.pos_lo - k_.pos_hi < window
+    return causal & overlap & ~other_rest & in_window
+
+
+def _pair_mask(window, i_q, i_k, seg_q, seg_k, br_q, br_k, pos_q, pos_k) -> jax.Array:
+    """[block_q, block_k] allowed pairs: the rule of mask.py on one tile."""
+    return (
+        (i_q[:, None] >= i_k[None, :])
+        & (seg_q[:, None] == seg_k[None, :])
+        & (seg_k[None, :] > 0)
+        & ((br_k[None, :] == 0) | (br_k[None, :] == br_q[:, None]))
+        & (pos_q[:, None] - pos_k[None, :] < window)
+    )
+
+
+def _tile_tokens(seg_ref, br_ref, pos_ref, start, size: int):
+    """Row indices, segment, branch and position ids of rows start:start+size."""
+    rows = pl.ds(start, size)
+    index = start + jnp.arange(size, dtype=jnp.int32)
+    return index, seg_ref[rows], br_ref[rows], pos_ref[rows]
+
+
+def _forward_kernel(window_ref, table_ref, *refs, logits: Logits, block_q: int, block_k: int):
+    seg_ref, br_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+    window = window_ref[0]
+    tokens = (seg_ref, br_ref, pos_ref)
+    i_q, seg_q, br_q, pos_q = _tile_tokens(*tokens, pl.program_id(0) * block_q, block_q)
+    q = q_ref[...]
+
+    def body(t, carry):
+        acc, top, total = carry
+        start = table_ref[t + 1] * block_k
+        i_k, seg_k, br_k, pos_k = _tile_tokens(*tokens, start, block_k)
+        keys = pl.ds(start, block_k)
+        k, v = k_ref[keys, :], v_ref[keys, :]
+        allowed = _pair_mask(window, i_q, i_k, seg_q, seg_k, br_q, br_k, pos_q, pos_k)
+        s = jnp.where(allowed, cap(pl.dot(q, k, trans_b=True), logits), _MASKED)
+        new_top = jnp.maximum(top, jnp.max(s, axis=-1))
+        p = jnp.where(allowed, jnp.exp(s - new_top[:, None]), 0.0)
+        correction = jnp.exp(top - new_top)
+        total = total * correction + jnp.sum(p, axis=-1)
+        acc = acc * correction[:, None] + pl.dot(p.astype(v.dtype), v)
+        return acc, new_top, total
+
+    init = (
+        jnp.zeros(q.shape, jnp.float32),
+        jnp.full((block_q,), _MASKED, jnp.float32),
+        jnp.zeros((block_q,), jnp.float32),
+    )
+    acc, top, total = jax.lax.fori_loop(0, table_ref[0], body, init)
+    some = total > 0
+    norm = jnp.where(some, total, 1.0)
+    o_ref[...] = (acc / norm[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(some, top + jnp.log(norm), -jnp.inf)
+
+
+def _probabilities(q, k, lse, allowed, logits: Logits):
+    """Softmax weights of a tile from its log-sum-exp, and the capped scores."""
+    s = cap(pl.dot(q, k, trans_b=True), logits)
+    return jnp.where(allowed, jnp.exp(s - lse[:, None]), 0.0), s
+
+
+def _dkv_kernel(
+    window_ref, table_ref, *refs, logits: Logits, block_q: int, block_k: int, groups: int
+):
+    seg_ref, br_ref, pos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
+    window = window_ref[0]
+    tokens = (seg_ref, br_ref, pos_ref)
+    i_k, seg_k, br_k, pos_k = _tile_tokens(*tokens, pl.program_id(0) * block_k, block_k)
+    k, v = k_ref[...], v_ref[...]
+
+    def head(g, carry):
+        def body(t, carry):
+            dk, dv = carry
+            start = table_ref[t + 1] * block_q
+            i_q, seg_q, br_q, pos_q = _tile_tokens(*tokens, start, block_q)
+            queries = pl.ds(start, block_q)
+            q, do = q_ref[queries, g, :], do_ref[queries, g, :]
+            allowed = _pair_mask(window, i_q, i_k, seg_q, seg_k, br_q, br_k, pos_q, pos_k)
+            p, s = _probabilities(q, k, lse_ref[g, queries], allowed, logits)
+            dv = dv + pl.dot(p.astype(do.dtype), do, trans_a=True)
+            dp = pl.dot(do, v, trans_b=True) - delta_ref[g, queries][:, None]
+            ds = p * dp * cap_derivative(s, logits)
+            dk = dk + pl.dot(ds.astype(q.dtype), q, trans_a=True)
+            return dk, dv
+
+        return jax.lax.fori_loop(0, table_ref[0], body, carry)
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = jax.lax.fori_loop(0, groups, head, (zeros, zeros))
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_kernel(window_ref, table_ref, *refs, logits: Logits, block_q: int, block_k: int):
+    seg_ref, br_ref, pos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
+    window = window_ref[0]
+    tokens = (seg_ref, br_ref, pos_ref)
+    i_q, seg_q, br_q, pos_q = _tile_tokens(*tokens, pl.program_id(0) * block_q, block_q)
+    q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+
+    def body(t, dq):
+        start = table_ref[t + 1] * block_k
+        i_k, seg_k, br_k, pos_k = _tile_tokens(*tokens, start, block_k)
+        keys = pl.ds(start, block_k)
+        k, v = k_ref[keys, :], v_ref[keys, :]
+        allowed = _pair_mask(window, i_q, i_k, seg_q, seg_k, br_q, br_k, pos_q, pos_k)
+        p, s = _probabilities(q, k, lse, allowed, logits)
+        dp = pl.dot(do, v, trans_b=True) - delta[:, None]
+        ds = p * dp * cap_derivative(s, logits)
+        return dq + pl.dot(ds.astype(k.dtype), k)
+
+    dq = jax.lax.fori_loop(0, table_ref[0], body, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+def _params(blocks: BlockSizes, dim: int) -> plgpu.CompilerParams:
+    warps = blocks.num_warps or (4 if dim <= 64 else 8)
+    return plgpu.CompilerParams(num_warps=warps, num_stages=blocks.num_stages)
+
+
+def _token_specs(table: jax.Array, length: int) -> list[pl.BlockSpec]:
+    """The window, the program's visit list, and the segment, branch and position ids of its row
+    (every grid is (tile, row, head))."""
+    row = pl.BlockSpec((None, length), lambda i, b, h: (b, 0))
+    return [
+        pl.BlockSpec((1,), lambda i, b, h: (0,)),
+        pl.BlockSpec((None, None, table.shape[-1]), lambda i, b, h: (b, i, 0)),
+        row,
+        row,
+        row,
+    ]
+
+
+def _forward(q, k, v, tokens, window, tables: Tables, logits, blocks: BlockSizes, interpret):
+    rows, length, heads, dim = q.shape
+    groups = heads // k.shape[2]
+    bq, bk = blocks.block_q, blocks.block_k
+    specs = _token_specs(tables.forward, length)
+    out, lse = pl.pallas_call(
+        functools.partial(_forward_kernel, logits=logits, block_q=bq, block_k=bk),
+        grid=(length // bq, rows, heads),
+        in_specs=[
+            *specs,
+            pl.BlockSpec((None, bq, None, dim), lambda i, b, h: (b, i, h, 0)),
+            pl.BlockSpec((None, length, None, dim), lambda i, b, h: (b, 0, h // groups, 0)),
+            pl.BlockSpec((None, length, None, dim), lambda i, b, h: (b, 0, h // groups, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, bq, None, dim), lambda i, b, h: (b, i, h, 0)),
+            pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((rows, heads, length), jnp.float32),
+        ],
+        compiler_params=_params(blocks, dim),
+        interpret=interpret,
+        name="pallas_attention_forward",
+    )(window, tables.forward, *tokens, q, k, v)
+    return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _attention(q, k, v, tokens, window, tables, logits, blocks, interpret):
+    return _forward(q, k, v, tokens, window, tables, logits, blocks, interpret)[0]
+
+
+def _attention_forward(q, k, v, tokens, window, tables, logits, blocks, interpret):
+    out, lse = _forward(q, k, v, tokens, window, tables, logits, blocks, interpret)
+    return out, (q, k, v, tokens, window, tables, out, lse)
+
+
+def _attention_backward(logits, blocks: BlockSizes, interpret, residuals, d_out):
+    q, k, v, tokens, window, tables, out, lse = residuals
+    rows, length, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    groups = heads // kv_heads
+    # delta_i = sum_d dO_i * O_i  (FlashAttention-2's D), [B, H, T] like the log-sum-exp
+    delta = jnp.einsum("bthd,bthd->bht", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    params = _params(blocks, dim)
+
+    bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
+    specs = _token_specs(tables.dkv, length)
+    whole_group = pl.BlockSpec((None, length, groups, dim), lambda j, b, h: (b, 0, h, 0))
+    key_tile = pl.BlockSpec((None, bk, None, dim), lambda j, b, h: (b, j, h, 0))
+    group_stats = pl.BlockSpec((None, groups, length), lambda j, b, h: (b, h, 0))
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, logits=logits, block_q=bq, block_k=bk, groups=groups),
+        grid=(length // bk, rows, kv_heads),
+        in_specs=[*specs, whole_group, key_tile, key_tile, whole_group, group_stats, group_stats],
+        out_specs=[key_tile, key_tile],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=params,
+        interpret=interpret,
+        name="pallas_attention_dkv",
+    )(window, tables.dkv, *tokens, q, k, v, d_out, lse, delta)
+
+    bq, bk = blocks.block_q_dq, blocks.block_k_dq
+    specs = _token_specs(tables.dq, length)
+    query_tile = pl.BlockSpec((None, bq, None, dim), lambda i, b, h: (b, i, h, 0))
+    kv_whole = pl.BlockSpec((None, length, None, dim), lambda i, b, h: (b, 0, h // groups, 0))
+    query_stats = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, logits=logits, block_q=bq, block_k=bk),
+        grid=(length // bq, rows, heads),
+        in_specs=[*specs, query_tile, kv_whole, kv_whole, query_tile, query_stats, query_stats],
+        out_specs=query_tile,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=params,
+        interpret=interpret,
+        name="pallas_attention_dq",
+    )(window, tables.dq, *tokens, q, k, v, d_out, lse, delta)
+    return dq, dk, dv, None, None, None
+
+
+_attention.defvjp(_attention_forward, _attention_backward)
