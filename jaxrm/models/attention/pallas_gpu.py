@@ -209,14 +209,24 @@ def live_block_pairs(
     return causal & overlap & ~other_rest & in_window
 
 
-def _pair_mask(window, i_q, i_k, seg_q, seg_k, br_q, br_k, pos_q, pos_k) -> jax.Array:
-    """[block_q, block_k] allowed pairs: the rule of mask.py on one tile."""
+def _dot(a: jax.Array, b: jax.Array, trans_b: bool = False) -> jax.Array:
+    """A tile product in float32; float32 tiles at full precision (Triton's default for them is
+    TF32), so that float32 runs match the reference on a GPU too."""
+    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return pl.dot(a, b, trans_b=trans_b, precision=precision)
+
+
+def _pair_mask(window, queries, keys, keys_first: bool = False) -> jax.Array:
+    """[block_q, block_k] allowed pairs of a tile ([block_k, block_q] with `keys_first`): the rule
+    of mask.py. `queries` and `keys`: their row indices, segment, branch and position ids."""
+    i_q, seg_q, br_q, pos_q = (x[None, :] if keys_first else x[:, None] for x in queries)
+    i_k, seg_k, br_k, pos_k = (x[:, None] if keys_first else x[None, :] for x in keys)
     return (
-        (i_q[:, None] >= i_k[None, :])
-        & (seg_q[:, None] == seg_k[None, :])
-        & (seg_k[None, :] > 0)
-        & ((br_k[None, :] == 0) | (br_k[None, :] == br_q[:, None]))
-        & (pos_q[:, None] - pos_k[None, :] < window)
+        (i_q >= i_k)
+        & (seg_q == seg_k)
+        & (seg_k > 0)
+        & ((br_k == 0) | (br_k == br_q))
+        & (pos_q - pos_k < window)
     )
 
 
@@ -231,22 +241,21 @@ def _forward_kernel(window_ref, table_ref, *refs, logits: Logits, block_q: int, 
     seg_ref, br_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
     window = window_ref[0]
     tokens = (seg_ref, br_ref, pos_ref)
-    i_q, seg_q, br_q, pos_q = _tile_tokens(*tokens, pl.program_id(0) * block_q, block_q)
+    queries = _tile_tokens(*tokens, pl.program_id(0) * block_q, block_q)
     q = q_ref[...]
 
     def body(t, carry):
         acc, top, total = carry
         start = table_ref[t + 1] * block_k
-        i_k, seg_k, br_k, pos_k = _tile_tokens(*tokens, start, block_k)
-        keys = pl.ds(start, block_k)
-        k, v = k_ref[keys, :], v_ref[keys, :]
-        allowed = _pair_mask(window, i_q, i_k, seg_q, seg_k, br_q, br_k, pos_q, pos_k)
-        s = jnp.where(allowed, cap(pl.dot(q, k, trans_b=True), logits), _MASKED)
+        rows = pl.ds(start, block_k)
+        k, v = k_ref[rows, :], v_ref[rows, :]
+        allowed = _pair_mask(window, queries, _tile_tokens(*tokens, start, block_k))
+        s = jnp.where(allowed, cap(_dot(q, k, trans_b=True), logits), _MASKED)
         new_top = jnp.maximum(top, jnp.max(s, axis=-1))
         p = jnp.where(allowed, jnp.exp(s - new_top[:, None]), 0.0)
         correction = jnp.exp(top - new_top)
         total = total * correction + jnp.sum(p, axis=-1)
-        acc = acc * correction[:, None] + pl.dot(p.astype(v.dtype), v)
+        acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
         return acc, new_top, total
 
     init = (
@@ -261,34 +270,31 @@ def _forward_kernel(window_ref, table_ref, *refs, logits: Logits, block_q: int, 
     lse_ref[...] = jnp.where(some, top + jnp.log(norm), -jnp.inf)
 
 
-def _probabilities(q, k, lse, allowed, logits: Logits):
-    """Softmax weights of a tile from its log-sum-exp, and the capped scores."""
-    s = cap(pl.dot(q, k, trans_b=True), logits)
-    return jnp.where(allowed, jnp.exp(s - lse[:, None]), 0.0), s
-
-
 def _dkv_kernel(
     window_ref, table_ref, *refs, logits: Logits, block_q: int, block_k: int, groups: int
 ):
     seg_ref, br_ref, pos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
     window = window_ref[0]
     tokens = (seg_ref, br_ref, pos_ref)
-    i_k, seg_k, br_k, pos_k = _tile_tokens(*tokens, pl.program_id(0) * block_k, block_k)
+    keys = _tile_tokens(*tokens, pl.program_id(0) * block_k, block_k)
     k, v = k_ref[...], v_ref[...]
 
+    # FlashAttention-2's backward on transposed tiles ([keys, queries]), as Triton's tutorial
+    # does: every product then takes its left operand untransposed.
     def head(g, carry):
         def body(t, carry):
             dk, dv = carry
             start = table_ref[t + 1] * block_q
-            i_q, seg_q, br_q, pos_q = _tile_tokens(*tokens, start, block_q)
-            queries = pl.ds(start, block_q)
-            q, do = q_ref[queries, g, :], do_ref[queries, g, :]
-            allowed = _pair_mask(window, i_q, i_k, seg_q, seg_k, br_q, br_k, pos_q, pos_k)
-            p, s = _probabilities(q, k, lse_ref[g, queries], allowed, logits)
-            dv = dv + pl.dot(p.astype(do.dtype), do, trans_a=True)
-            dp = pl.dot(do, v, trans_b=True) - delta_ref[g, queries][:, None]
+            rows = pl.ds(start, block_q)
+            q, do = q_ref[rows, g, :], do_ref[rows, g, :]
+            queries = _tile_tokens(*tokens, start, block_q)
+            allowed = _pair_mask(window, queries, keys, keys_first=True)
+            s = cap(_dot(k, q, trans_b=True), logits)
+            p = jnp.where(allowed, jnp.exp(s - lse_ref[g, rows][None, :]), 0.0)
+            dv = dv + _dot(p.astype(do.dtype), do)
+            dp = _dot(v, do, trans_b=True) - delta_ref[g, rows][None, :]
             ds = p * dp * cap_derivative(s, logits)
-            dk = dk + pl.dot(ds.astype(q.dtype), q, trans_a=True)
+            dk = dk + _dot(ds.astype(q.dtype), q)
             return dk, dv
 
         return jax.lax.fori_loop(0, table_ref[0], body, carry)
@@ -303,19 +309,19 @@ def _dq_kernel(window_ref, table_ref, *refs, logits: Logits, block_q: int, block
     seg_ref, br_ref, pos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
     window = window_ref[0]
     tokens = (seg_ref, br_ref, pos_ref)
-    i_q, seg_q, br_q, pos_q = _tile_tokens(*tokens, pl.program_id(0) * block_q, block_q)
+    queries = _tile_tokens(*tokens, pl.program_id(0) * block_q, block_q)
     q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
 
     def body(t, dq):
         start = table_ref[t + 1] * block_k
-        i_k, seg_k, br_k, pos_k = _tile_tokens(*tokens, start, block_k)
-        keys = pl.ds(start, block_k)
-        k, v = k_ref[keys, :], v_ref[keys, :]
-        allowed = _pair_mask(window, i_q, i_k, seg_q, seg_k, br_q, br_k, pos_q, pos_k)
-        p, s = _probabilities(q, k, lse, allowed, logits)
-        dp = pl.dot(do, v, trans_b=True) - delta[:, None]
+        rows = pl.ds(start, block_k)
+        k, v = k_ref[rows, :], v_ref[rows, :]
+        allowed = _pair_mask(window, queries, _tile_tokens(*tokens, start, block_k))
+        s = cap(_dot(q, k, trans_b=True), logits)
+        p = jnp.where(allowed, jnp.exp(s - lse[:, None]), 0.0)
+        dp = _dot(do, v, trans_b=True) - delta[:, None]
         ds = p * dp * cap_derivative(s, logits)
-        return dq + pl.dot(ds.astype(k.dtype), k)
+        return dq + _dot(ds.astype(k.dtype), k)
 
     dq = jax.lax.fori_loop(0, table_ref[0], body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = dq.astype(dq_ref.dtype)
