@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
 
 from jaxrm.models.attention import Logits, Mask, allowed_pairs, attend, reference_attention
 from jaxrm.models.attention.pallas_gpu import (
@@ -17,6 +18,7 @@ from jaxrm.models.attention.pallas_gpu import (
     live_block_pairs,
     pallas_attention,
 )
+from jaxrm.sharding import activation_sharding, activation_specs, make_mesh
 from tests.test_attention import qkv, random_layout, tree_positions
 
 SMALL = BlockSizes(32, 16, 16, 32, 32, 16)  # several tiles per row at T = 256
@@ -146,6 +148,25 @@ def test_every_kind_runs_through_the_table():
     for mask in (Mask(), Mask(seg), Mask(seg, branch)):
         want = reference_attention(q, k, v, mask, Logits(0.125))
         assert_close(attend(q, k, v, mask, "pallas"), want)
+
+
+def test_per_device_under_a_mesh_equals_the_reference():
+    """Rows over fsdp (4), heads over tensor (2): each device runs the kernels on its own rows."""
+    mesh = make_mesh(1, 4, 2)
+    seg, branch = random_layout(8, 128, seed=11)
+    q, k, v, _ = qkv(8, 128, 4, 2, 16)
+    mask = Mask(seg, branch)
+    names = (("batch", "length", "act_heads", None), ("batch", "length", "act_kv_heads", None))
+    with activation_sharding(mesh):
+        _, specs = activation_specs((*names, ("batch", "length")), (q, k, seg))
+
+    @jax.jit
+    def run(q, k, v, seg, branch):
+        return attend(q, k, v, Mask(seg, branch), "pallas", mesh=mesh, specs=specs)
+
+    place = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
+    got = run(*(place(x, specs[i]) for x, i in ((q, 0), (k, 1), (v, 1), (seg, 2), (branch, 2))))
+    assert_close(got, reference_attention(q, k, v, mask, Logits(16**-0.5)))
 
 
 def test_visit_lists_cover_every_allowed_pair_and_skip_dead_blocks():
