@@ -14,8 +14,8 @@ from jax.sharding import NamedSharding
 from jaxrm.models.attention import Logits, Mask, allowed_pairs, attend, reference_attention
 from jaxrm.models.attention.pallas_gpu import (
     BlockSizes,
+    block_pairs,
     block_tables,
-    live_block_pairs,
     pallas_attention,
 )
 from jaxrm.sharding import activation_sharding, activation_specs, make_mesh
@@ -170,9 +170,10 @@ def test_per_device_under_a_mesh_equals_the_reference():
 
 
 def test_visit_lists_cover_every_allowed_pair_and_skip_dead_blocks():
-    """Each tile pair with an allowed (query, key) is listed by all three kernels' lists; a block-
-    aligned tree lists exactly those (the chosen x rejected rectangle and padding are skipped),
-    and a window of one tile keeps two key tiles per query tile."""
+    """Each tile with an allowed (query, key) is listed by all three kernels' lists, once; a tile
+    listed as full has every pair allowed (it runs unmasked); a block-aligned tree lists exactly
+    the tiles with an allowed pair (the chosen x rejected rectangle and padding are skipped), and
+    a window of one tile keeps two key tiles per query tile."""
     rows, length = 3, 256
     seg, branch = random_layout(rows, length, seed=7)
     positions = jnp.asarray(tree_positions(seg, branch))
@@ -185,31 +186,32 @@ def test_visit_lists_cover_every_allowed_pair_and_skip_dead_blocks():
             (tables.dkv, SMALL.block_q_dkv, SMALL.block_k_dkv, True),
             (tables.dq, SMALL.block_q_dq, SMALL.block_k_dq, False),
         ):
-            tiles = allowed.reshape(rows, length // bq, bq, length // bk, bk).any(axis=(2, 4))
-            listed = np.zeros_like(tiles)
-            table = np.asarray(table)
-            for b in range(rows):
-                for a in range(table.shape[1]):
-                    count = table[b, a, 0]
-                    entries = table[b, a, 1 : 1 + count]
-                    assert (np.diff(entries) > 0).all()
-                    for e in entries:
-                        listed[(b, e, a) if by_key else (b, a, e)] = True
-            assert (listed >= tiles).all()
-            causal = (
-                np.arange(length // bk)[None] * bk < (np.arange(length // bq)[:, None] + 1) * bq
-            )
-            assert listed.sum() < rows * causal.sum()
+            pairs = allowed.reshape(rows, length // bq, bq, length // bk, bk)
+            listed = np.zeros(pairs.shape[:2] + pairs.shape[3:4], int)
+            for b, a in np.ndindex(*table.shape[:2]):
+                full, partial = (int(x) for x in table[b, a, :2])
+                entries = np.asarray(table[b, a, 2 : 2 + full + partial])
+                assert (np.diff(entries[:full]) > 0).all() and (np.diff(entries[full:]) > 0).all()
+                for n, e in enumerate(entries):
+                    tile = (b, e, a) if by_key else (b, a, e)
+                    listed[tile] += 1
+                    assert n >= full or pairs[tile[0], tile[1], :, tile[2]].all()
+            assert listed.max() == 1 and (listed >= pairs.any(axis=(2, 4))).all()
+            rows_k, rows_q = np.arange(length // bk)[None] * bk, np.arange(length // bq)[:, None]
+            assert listed.sum() < rows * (rows_k < (rows_q + 1) * bq).sum()  # causal tiles
 
     seg, branch, positions = rest_far_from_its_prompt(256)
-    live = np.asarray(live_block_pairs(seg, branch, positions, 2**30, 32, 32))
-    tiles = np.asarray(allowed_pairs(Mask(seg, branch), seg.shape))
-    np.testing.assert_array_equal(live, tiles.reshape(1, 8, 32, 8, 32).any(axis=(2, 4)))
+    live, full = (np.asarray(x) for x in block_pairs(seg, branch, positions, 2**30, 32, 32))
+    tiles = np.asarray(allowed_pairs(Mask(seg, branch), seg.shape)).reshape(1, 8, 32, 8, 32)
+    np.testing.assert_array_equal(live, tiles.any(axis=(2, 4)))
     assert not live[0, 5:7, 1:5].any()  # rejected queries x chosen keys
+    assert full[0, 5:7, 0].all() and full[0, 2:5, 1:4].any()  # the prompt, the own rest
     ones = jnp.ones((1, 512), jnp.int32)
     line = jnp.arange(512, dtype=jnp.int32)[None]
-    windowed = np.asarray(live_block_pairs(ones, 0 * ones, line, 32, 32, 32))
-    assert windowed.sum() == 2 * 16 - 1
+    live, full = block_pairs(ones, 0 * ones, line, 32, 32, 32)
+    assert int(live.sum()) == 2 * 16 - 1 and not full.any()
+    live, full = block_pairs(ones, 0 * ones, line, 2**30, 32, 32)
+    assert int(live.sum()) == 16 * 17 // 2 and int(full.sum()) == 16 * 15 // 2
 
 
 def test_skipped_blocks_are_never_read():

@@ -7,8 +7,10 @@ ranges of its real tokens) and lists, for each query block, the key blocks that 
 allowed pair (and for each key block, the query blocks): segments are contiguous, so they lie
 between the first block of the query block's earliest segment and the query block itself, minus
 the rectangles of one rest against the other and the blocks out of the window by position
-(`live_block_pairs`, a superset of the blocks with an allowed pair; the kernels mask the pairs
-exactly). The kernels then loop over their list only (FlashAttention-2):
+(`block_pairs`: a superset of the blocks with an allowed pair). Tiles whose every pair is allowed
+(inside one segment, below the diagonal, inside the window) are listed first and computed without
+a mask; the others are masked pair by pair. The kernels loop over their lists only
+(FlashAttention-2):
 
 - forward, one program per (query block, row, head): output and log-sum-exp;
 - backward, dK/dV with one program per (key block, row, key/value head), looping over the query
@@ -119,12 +121,13 @@ def pallas_attention(
 
 
 class Tables(NamedTuple):
-    """Per row, the blocks each program visits: [count, index, index, ...] (count live blocks
-    first, in increasing order, then padding)."""
+    """Per row, the tiles each program visits: [full, partial, index, index, ...]: the counts of
+    full tiles (every pair allowed: no mask to compute) and of partial ones, then the full tiles'
+    indices, then the partial ones' (each in increasing order), then padding."""
 
-    forward: jax.Array  # [B, T/block_q, 1 + T/block_k]: key blocks per query block
-    dkv: jax.Array  # [B, T/block_k_dkv, 1 + T/block_q_dkv]: query blocks per key block
-    dq: jax.Array  # [B, T/block_q_dq, 1 + T/block_k_dq]: key blocks per query block
+    forward: jax.Array  # [B, T/block_q, 2 + T/block_k]: key blocks per query block
+    dkv: jax.Array  # [B, T/block_k_dkv, 2 + T/block_q_dkv]: query blocks per key block
+    dq: jax.Array  # [B, T/block_q_dq, 2 + T/block_k_dq]: key blocks per query block
 
 
 def block_tables(
@@ -135,32 +138,39 @@ def block_tables(
     blocks: BlockSizes,
 ) -> Tables:
     """The visit lists of the three kernels (plain JAX, once per call)."""
-    live = functools.partial(live_block_pairs, segment_ids, branch_ids, positions, window)
+    pairs = functools.partial(block_pairs, segment_ids, branch_ids, positions, window)
+    by_key = [jnp.swapaxes(x, 1, 2) for x in pairs(blocks.block_q_dkv, blocks.block_k_dkv)]
     return Tables(
-        _listed(live(blocks.block_q, blocks.block_k)),
-        _listed(jnp.swapaxes(live(blocks.block_q_dkv, blocks.block_k_dkv), 1, 2)),
-        _listed(live(blocks.block_q_dq, blocks.block_k_dq)),
+        _listed(*pairs(blocks.block_q, blocks.block_k)),
+        _listed(*by_key),
+        _listed(*pairs(blocks.block_q_dq, blocks.block_k_dq)),
     )
 
 
-def _listed(live: jax.Array) -> jax.Array:
-    """[..., n] bool -> [..., 1 + n] int32: the count of live entries, then their indices."""
+def _listed(live: jax.Array, full: jax.Array) -> jax.Array:
+    """[..., n] bools -> [..., 2 + n] int32: the counts of full and of partial (live, not full)
+    entries, then the full entries' indices, then the partial ones'."""
     n = live.shape[-1]
     index = jnp.arange(n, dtype=jnp.int32)
-    order = jnp.minimum(jnp.sort(jnp.where(live, index, n), axis=-1), n - 1)
-    count = jnp.sum(live, axis=-1, dtype=jnp.int32)
-    return jnp.concatenate([count[..., None], order], axis=-1).astype(jnp.int32)
+    key = jnp.where(full, index, jnp.where(live, n + index, 2 * n))
+    order = jnp.sort(key, axis=-1) % n
+    counts = [jnp.sum(x, axis=-1, dtype=jnp.int32)[..., None] for x in (full, live & ~full)]
+    return jnp.concatenate([*counts, order], axis=-1)
 
 
 class _Summary(NamedTuple):
-    """Per block, over its real tokens: segment and position ranges, its rest (> 0 when all its
-    tokens are one rest of one segment); `seg_hi` 0 for a block without real tokens."""
+    """Per block, over its real tokens: segment, branch and position ranges, its rest (> 0 when
+    all its tokens are one rest of one segment), whether all its tokens are real; `seg_hi` 0 for
+    a block without real tokens."""
 
     seg_lo: jax.Array
     seg_hi: jax.Array
+    br_lo: jax.Array
+    br_hi: jax.Array
     rest: jax.Array
     pos_lo: jax.Array
     pos_hi: jax.Array
+    all_real: jax.Array
 
 
 def _summary(segment_ids, branch_ids, positions, block: int) -> _Summary:
@@ -177,36 +187,59 @@ def _summary(segment_ids, branch_ids, positions, block: int) -> _Summary:
     seg_lo, seg_hi = lo(segment_ids, _FAR), hi(segment_ids, 0)
     br_lo, br_hi = lo(branch_ids, _FAR), hi(branch_ids, -1)
     rest = jnp.where((seg_lo == seg_hi) & (br_lo == br_hi) & (br_lo > 0), br_lo, 0)
-    return _Summary(seg_lo, seg_hi, rest, lo(positions, _FAR), hi(positions, -_FAR))
+    pos_lo, pos_hi = lo(positions, _FAR), hi(positions, -_FAR)
+    return _Summary(seg_lo, seg_hi, br_lo, br_hi, rest, pos_lo, pos_hi, jnp.all(real, axis=-1))
 
 
-def live_block_pairs(
+def block_pairs(
     segment_ids: jax.Array,
     branch_ids: jax.Array,
     positions: jax.Array,
     window: jax.Array | int,
     block_q: int,
     block_k: int,
-) -> jax.Array:
-    """[B, T/block_q, T/block_k] bool: the (query block, key block) pairs a kernel visits, every
-    pair holding an allowed (query, key) and few others: the key block starts at or before the
-    query block's last row, both blocks have real tokens and overlapping segment ranges, they are
-    not one rest against another rest of the same segment, and the smallest query position minus
-    the largest key position is inside the window."""
+) -> tuple[jax.Array, jax.Array]:
+    """(live, full), each [B, T/block_q, T/block_k] bool, from block-level ranges.
+
+    live: the (query block, key block) pairs a kernel visits, every pair holding an allowed
+    (query, key) and few others: the key block starts at or before the query block's last row,
+    both blocks have real tokens and overlapping segment ranges, they are not one rest against
+    another rest of the same segment, and the smallest query position minus the largest key
+    position is inside the window.
+
+    full: live pairs whose every (query, key) is allowed: all tokens real and of one segment, the
+    key block ends at or before the query block's first row, the keys are all shared prompt or
+    all the queries' own rest, and the largest query position minus the smallest key position is
+    inside the window."""
     qs = _summary(segment_ids, branch_ids, positions, block_q)
     ks = _summary(segment_ids, branch_ids, positions, block_k)
     nq, nk = qs.seg_lo.shape[1], ks.seg_lo.shape[1]
-    first_key = jnp.arange(nk)[None, :] * block_k
-    last_query = jnp.arange(nq)[:, None] * block_q + block_q - 1
-    causal = first_key <= last_query
+    key_rows = jnp.arange(nk)[None, :] * block_k
+    query_rows = jnp.arange(nq)[:, None] * block_q
     q_ = jax.tree.map(lambda x: x[:, :, None], qs)
     k_ = jax.tree.map(lambda x: x[:, None, :], ks)
     overlap = (
         (q_.seg_hi > 0) & (k_.seg_hi > 0) & (k_.seg_hi >= q_.seg_lo) & (k_.seg_lo <= q_.seg_hi)
     )
     other_rest = (q_.rest > 0) & (k_.rest > 0) & (q_.rest != k_.rest) & (q_.seg_lo == k_.seg_lo)
-    in_window = q_.pos_lo - k_.pos_hi < window
-    return causal & overlap & ~other_rest & in_window
+    live = (
+        (key_rows <= query_rows + block_q - 1)
+        & overlap
+        & ~other_rest
+        & (q_.pos_lo - k_.pos_hi < window)
+    )
+    one_segment = (
+        q_.all_real & k_.all_real & (q_.seg_lo == q_.seg_hi) & (k_.seg_lo == k_.seg_hi)
+    ) & (q_.seg_lo == k_.seg_lo)
+    prompt_or_own = (k_.br_hi == 0) | ((k_.rest > 0) & (k_.rest == q_.rest))
+    full = (
+        live
+        & one_segment
+        & (key_rows + block_k - 1 <= query_rows)
+        & prompt_or_own
+        & (q_.pos_hi - k_.pos_lo < window)
+    )
+    return live, full
 
 
 def _dot(a: jax.Array, b: jax.Array, trans_b: bool = False) -> jax.Array:
@@ -244,26 +277,35 @@ def _forward_kernel(window_ref, table_ref, *refs, logits: Logits, block_q: int, 
     queries = _tile_tokens(*tokens, pl.program_id(0) * block_q, block_q)
     q = q_ref[...]
 
-    def body(t, carry):
-        acc, top, total = carry
-        start = table_ref[t + 1] * block_k
-        rows = pl.ds(start, block_k)
-        k, v = k_ref[rows, :], v_ref[rows, :]
-        allowed = _pair_mask(window, queries, _tile_tokens(*tokens, start, block_k))
-        s = jnp.where(allowed, cap(_dot(q, k, trans_b=True), logits), _MASKED)
-        new_top = jnp.maximum(top, jnp.max(s, axis=-1))
-        p = jnp.where(allowed, jnp.exp(s - new_top[:, None]), 0.0)
-        correction = jnp.exp(top - new_top)
-        total = total * correction + jnp.sum(p, axis=-1)
-        acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
-        return acc, new_top, total
+    def visit(masked: bool):
+        def body(t, carry):
+            acc, top, total = carry
+            start = table_ref[t + 2] * block_k
+            rows = pl.ds(start, block_k)
+            k, v = k_ref[rows, :], v_ref[rows, :]
+            s = cap(_dot(q, k, trans_b=True), logits)
+            if masked:
+                allowed = _pair_mask(window, queries, _tile_tokens(*tokens, start, block_k))
+                s = jnp.where(allowed, s, _MASKED)
+            new_top = jnp.maximum(top, jnp.max(s, axis=-1))
+            p = jnp.exp(s - new_top[:, None])
+            if masked:
+                p = jnp.where(allowed, p, 0.0)
+            correction = jnp.exp(top - new_top)
+            total = total * correction + jnp.sum(p, axis=-1)
+            acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
+            return acc, new_top, total
+
+        return body
 
     init = (
         jnp.zeros(q.shape, jnp.float32),
         jnp.full((block_q,), _MASKED, jnp.float32),
         jnp.zeros((block_q,), jnp.float32),
     )
-    acc, top, total = jax.lax.fori_loop(0, table_ref[0], body, init)
+    full, partial = table_ref[0], table_ref[1]
+    carry = jax.lax.fori_loop(0, full, visit(masked=False), init)
+    acc, top, total = jax.lax.fori_loop(full, full + partial, visit(masked=True), carry)
     some = total > 0
     norm = jnp.where(some, total, 1.0)
     o_ref[...] = (acc / norm[:, None]).astype(o_ref.dtype)
@@ -281,23 +323,29 @@ def _dkv_kernel(
 
     # FlashAttention-2's backward on transposed tiles ([keys, queries]), as Triton's tutorial
     # does: every product then takes its left operand untransposed.
-    def head(g, carry):
+    def visit(g, masked: bool):
         def body(t, carry):
             dk, dv = carry
-            start = table_ref[t + 1] * block_q
+            start = table_ref[t + 2] * block_q
             rows = pl.ds(start, block_q)
             q, do = q_ref[rows, g, :], do_ref[rows, g, :]
-            queries = _tile_tokens(*tokens, start, block_q)
-            allowed = _pair_mask(window, queries, keys, keys_first=True)
             s = cap(_dot(k, q, trans_b=True), logits)
-            p = jnp.where(allowed, jnp.exp(s - lse_ref[g, rows][None, :]), 0.0)
+            p = jnp.exp(s - lse_ref[g, rows][None, :])
+            if masked:
+                queries = _tile_tokens(*tokens, start, block_q)
+                p = jnp.where(_pair_mask(window, queries, keys, keys_first=True), p, 0.0)
             dv = dv + _dot(p.astype(do.dtype), do)
             dp = _dot(v, do, trans_b=True) - delta_ref[g, rows][None, :]
             ds = p * dp * cap_derivative(s, logits)
             dk = dk + _dot(ds.astype(q.dtype), q)
             return dk, dv
 
-        return jax.lax.fori_loop(0, table_ref[0], body, carry)
+        return body
+
+    def head(g, carry):
+        full, partial = table_ref[0], table_ref[1]
+        carry = jax.lax.fori_loop(0, full, visit(g, masked=False), carry)
+        return jax.lax.fori_loop(full, full + partial, visit(g, masked=True), carry)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = jax.lax.fori_loop(0, groups, head, (zeros, zeros))
@@ -312,18 +360,25 @@ def _dq_kernel(window_ref, table_ref, *refs, logits: Logits, block_q: int, block
     queries = _tile_tokens(*tokens, pl.program_id(0) * block_q, block_q)
     q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
 
-    def body(t, dq):
-        start = table_ref[t + 1] * block_k
-        rows = pl.ds(start, block_k)
-        k, v = k_ref[rows, :], v_ref[rows, :]
-        allowed = _pair_mask(window, queries, _tile_tokens(*tokens, start, block_k))
-        s = cap(_dot(q, k, trans_b=True), logits)
-        p = jnp.where(allowed, jnp.exp(s - lse[:, None]), 0.0)
-        dp = _dot(do, v, trans_b=True) - delta[:, None]
-        ds = p * dp * cap_derivative(s, logits)
-        return dq + _dot(ds.astype(k.dtype), k)
+    def visit(masked: bool):
+        def body(t, dq):
+            start = table_ref[t + 2] * block_k
+            rows = pl.ds(start, block_k)
+            k, v = k_ref[rows, :], v_ref[rows, :]
+            s = cap(_dot(q, k, trans_b=True), logits)
+            p = jnp.exp(s - lse[:, None])
+            if masked:
+                keys = _tile_tokens(*tokens, start, block_k)
+                p = jnp.where(_pair_mask(window, queries, keys), p, 0.0)
+            dp = _dot(do, v, trans_b=True) - delta[:, None]
+            ds = p * dp * cap_derivative(s, logits)
+            return dq + _dot(ds.astype(k.dtype), k)
 
-    dq = jax.lax.fori_loop(0, table_ref[0], body, jnp.zeros(q.shape, jnp.float32))
+        return body
+
+    full, partial = table_ref[0], table_ref[1]
+    dq = jax.lax.fori_loop(0, full, visit(masked=False), jnp.zeros(q.shape, jnp.float32))
+    dq = jax.lax.fori_loop(full, full + partial, visit(masked=True), dq)
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
