@@ -25,10 +25,14 @@ SMALL = BlockSizes(32, 16, 16, 32, 32, 16)  # several tiles per row at T = 256
 TOLERANCE = 1e-5  # float32: |got - want| <= 1e-5 * (1 + |want|), with |want| the largest entry
 
 
-def assert_close(got, want):
-    want = np.asarray(want)
-    tolerance = TOLERANCE * (1 + np.abs(want).max())
-    np.testing.assert_allclose(np.asarray(got), want, rtol=TOLERANCE, atol=tolerance)
+BF16_TOLERANCE = 1e-2  # bfloat16 inputs (probabilities and score gradients cast to bf16 for
+# the tile products, as FlashAttention does) against the float32 reference: ~1 bf16 ulp
+
+
+def assert_close(got, want, tolerance: float = TOLERANCE):
+    want = np.asarray(want, np.float32)
+    atol = tolerance * (1 + np.abs(want).max())
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=tolerance, atol=atol)
 
 
 def run_pallas(mask: Mask, logits: Logits, blocks: BlockSizes = SMALL):
@@ -167,6 +171,24 @@ def test_per_device_under_a_mesh_equals_the_reference():
     place = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
     got = run(*(place(x, specs[i]) for x, i in ((q, 0), (k, 1), (v, 1), (seg, 2), (branch, 2))))
     assert_close(got, reference_attention(q, k, v, mask, Logits(16**-0.5)))
+
+
+def test_bfloat16_is_within_a_bf16_ulp_of_the_float32_reference():
+    seg, branch = random_layout(1, 256, seed=2)
+    mask = Mask(seg, branch, jnp.asarray(tree_positions(seg, branch)), 100)
+    logits = Logits(0.125, 30.0)
+    q, k, v, cotangent = qkv(1, 256, 4, 2, 64, seed=3)
+    bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v, cotangent)]
+    got, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, mask, "pallas", logits), *bf16[:3])
+    grads = vjp(bf16[3])
+    assert got.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+    upcast = [x.astype(jnp.float32) for x in bf16]
+    want, reference_vjp = jax.vjp(
+        lambda q, k, v: reference_attention(q, k, v, mask, logits), *upcast[:3]
+    )
+    assert_close(got, want, BF16_TOLERANCE)
+    for g, w in zip(grads, reference_vjp(upcast[3]), strict=True):
+        assert_close(g, w, BF16_TOLERANCE)
 
 
 def test_visit_lists_cover_every_allowed_pair_and_skip_dead_blocks():
