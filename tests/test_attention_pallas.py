@@ -117,6 +117,8 @@ def test_a_window_counts_positions_not_row_offsets():
     assert reads_prompt.any() and not by_offset.any()
     short = Mask(*(x[:, :250] for x in (seg, branch, positions)), jnp.int32(48))
     assert_equals_reference(short, Logits(0.25), (1, 250, 4, 2, 32), seed=4)
+    with pytest.raises(ValueError, match="tiles must be powers of two of at least 16"):
+        run_pallas(short, Logits(0.25), BlockSizes(block_q=48))(*qkv(1, 250, 4, 2, 32)[:3])
 
 
 def test_padding_rows_and_queries_read_zeros_and_get_no_gradient():

@@ -99,6 +99,8 @@ def pallas_attention(
     if heads % k.shape[2]:
         raise ValueError(f"{heads} query heads are not a multiple of {k.shape[2]} kv heads")
     blocks = blocks or default_blocks(dim)
+    if any(size < 16 or size & (size - 1) for size in blocks[:6]):
+        raise ValueError(f"tiles must be powers of two of at least 16, got {blocks}")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     tile = max(blocks[:6])
