@@ -12,7 +12,8 @@ the rectangles of one rest against the other and the blocks out of the window by
 a mask; the others are masked pair by pair. The kernels loop over their lists only
 (FlashAttention-2):
 
-- forward, one program per (query block, row, head): output and log-sum-exp;
+- forward, one program per (query block, row, head): output and log-sum-exp (base 2: the
+  kernels' softmax is exp2 of the scores times log2(e), as FlashAttention's);
 - backward, dK/dV with one program per (key block, row, key/value head), looping over the query
   heads of its group and the listed query blocks, and dQ with one program per (query block, row,
   head); soft-cap's derivative included.
@@ -25,6 +26,7 @@ kernels run in Pallas' interpret mode (the tests' mode; slow).
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -37,6 +39,7 @@ from jaxrm.models.attention.flash import per_device
 from jaxrm.models.attention.mask import Logits, Mask, cap, cap_derivative
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # a masked score (finite: no inf - inf)
+_LOG2E = math.log2(math.e)  # the kernels' softmax is in base 2 (exp2 is one GPU instruction)
 _FAR = 2**29  # bigger than any position, small enough that differences fit in int32
 
 
@@ -251,6 +254,18 @@ def _dot(a: jax.Array, b: jax.Array, trans_b: bool = False) -> jax.Array:
     return pl.dot(a, b, trans_b=trans_b, precision=precision)
 
 
+def _base2(raw: jax.Array, logits: Logits) -> jax.Array:
+    """Scaled (and soft-capped) scores times log2(e): 2 ** result is e ** score."""
+    if logits.softcap is None:
+        return raw * (logits.scale * _LOG2E)
+    return cap(raw, logits) * _LOG2E
+
+
+def _score_derivative(base2: jax.Array, logits: Logits) -> jax.Array:
+    """d score / d raw q.k from the base-2 scores."""
+    return cap_derivative(base2 * (1 / _LOG2E), logits)
+
+
 def _pair_mask(window, queries, keys, keys_first: bool = False) -> jax.Array:
     """[block_q, block_k] allowed pairs of a tile ([block_k, block_q] with `keys_first`): the rule
     of mask.py. `queries` and `keys`: their row indices, segment, branch and position ids."""
@@ -285,15 +300,15 @@ def _forward_kernel(window_ref, table_ref, *refs, logits: Logits, block_q: int, 
             start = table_ref[t + 2] * block_k
             rows = pl.ds(start, block_k)
             k, v = k_ref[rows, :], v_ref[rows, :]
-            s = cap(_dot(q, k, trans_b=True), logits)
+            s = _base2(_dot(q, k, trans_b=True), logits)
             if masked:
                 allowed = _pair_mask(window, queries, _tile_tokens(*tokens, start, block_k))
                 s = jnp.where(allowed, s, _MASKED)
             new_top = jnp.maximum(top, jnp.max(s, axis=-1))
-            p = jnp.exp(s - new_top[:, None])
+            p = jnp.exp2(s - new_top[:, None])
             if masked:
                 p = jnp.where(allowed, p, 0.0)
-            correction = jnp.exp(top - new_top)
+            correction = jnp.exp2(top - new_top)
             total = total * correction + jnp.sum(p, axis=-1)
             acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
             return acc, new_top, total
@@ -311,7 +326,7 @@ def _forward_kernel(window_ref, table_ref, *refs, logits: Logits, block_q: int, 
     some = total > 0
     norm = jnp.where(some, total, 1.0)
     o_ref[...] = (acc / norm[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(some, top + jnp.log(norm), -jnp.inf)
+    lse_ref[...] = jnp.where(some, top + jnp.log2(norm), -jnp.inf)
 
 
 def _dkv_kernel(
@@ -331,14 +346,14 @@ def _dkv_kernel(
             start = table_ref[t + 2] * block_q
             rows = pl.ds(start, block_q)
             q, do = q_ref[rows, g, :], do_ref[rows, g, :]
-            s = cap(_dot(k, q, trans_b=True), logits)
-            p = jnp.exp(s - lse_ref[g, rows][None, :])
+            s = _base2(_dot(k, q, trans_b=True), logits)
+            p = jnp.exp2(s - lse_ref[g, rows][None, :])
             if masked:
                 queries = _tile_tokens(*tokens, start, block_q)
                 p = jnp.where(_pair_mask(window, queries, keys, keys_first=True), p, 0.0)
             dv = dv + _dot(p.astype(do.dtype), do)
             dp = _dot(v, do, trans_b=True) - delta_ref[g, rows][None, :]
-            ds = p * dp * cap_derivative(s, logits)
+            ds = p * dp * _score_derivative(s, logits)
             dk = dk + _dot(ds.astype(q.dtype), q)
             return dk, dv
 
@@ -367,13 +382,13 @@ def _dq_kernel(window_ref, table_ref, *refs, logits: Logits, block_q: int, block
             start = table_ref[t + 2] * block_k
             rows = pl.ds(start, block_k)
             k, v = k_ref[rows, :], v_ref[rows, :]
-            s = cap(_dot(q, k, trans_b=True), logits)
-            p = jnp.exp(s - lse[:, None])
+            s = _base2(_dot(q, k, trans_b=True), logits)
+            p = jnp.exp2(s - lse[:, None])
             if masked:
                 keys = _tile_tokens(*tokens, start, block_k)
                 p = jnp.where(_pair_mask(window, queries, keys), p, 0.0)
             dp = _dot(do, v, trans_b=True) - delta[:, None]
-            ds = p * dp * cap_derivative(s, logits)
+            ds = p * dp * _score_derivative(s, logits)
             return dq + _dot(ds.astype(k.dtype), k)
 
         return body
