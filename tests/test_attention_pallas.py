@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 
-from jaxrm.models.attention import Logits, Mask, allowed_pairs, attend, reference_attention
+from jaxrm.models.attention import (
+    NO_WINDOW,
+    Logits,
+    Mask,
+    allowed_pairs,
+    attend,
+    reference_attention,
+)
 from jaxrm.models.attention.pallas_gpu import (
     BlockSizes,
     block_pairs,
@@ -65,10 +72,14 @@ def assert_equals_reference(mask: Mask, logits: Logits, shapes, seed=0, blocks=S
     def reference(q, k, v):
         return reference_attention(q, k, v, mask, logits)
 
-    got, pallas_vjp = jax.vjp(pallas, q, k, v)
-    want, reference_vjp = jax.vjp(reference, q, k, v)
+    def values_and_grads(fn):
+        out, vjp = jax.vjp(fn, q, k, v)
+        return out, vjp(cotangent)
+
+    got, got_grads = jax.jit(values_and_grads, static_argnums=0)(pallas)
+    want, want_grads = values_and_grads(reference)
     assert_close(got, want)
-    for g, w in zip(pallas_vjp(cotangent), reference_vjp(cotangent), strict=True):
+    for g, w in zip(got_grads, want_grads, strict=True):
         assert_close(g, w)
 
 
@@ -119,6 +130,23 @@ def test_a_window_counts_positions_not_row_offsets():
     assert_equals_reference(short, Logits(0.25), (1, 250, 4, 2, 32), seed=4)
     with pytest.raises(ValueError, match="tiles must be powers of two of at least 16"):
         run_pallas(short, Logits(0.25), BlockSizes(block_q=48))(*qkv(1, 250, 4, 2, 32)[:3])
+
+
+def test_a_window_scanned_per_layer():
+    """The window as a scanned per-layer input (traced): a sliding layer, then a global one."""
+    seg, branch, positions = rest_far_from_its_prompt(256)
+    q, k, v, _ = qkv(1, 256, 2, 1, 32, seed=5)
+    windows = jnp.asarray([48, NO_WINDOW], jnp.int32)
+
+    def layer(_, window):
+        mask = Mask(seg, branch, positions, window)
+        return None, attend(q, k, v, mask, "pallas", Logits(0.25))
+
+    _, got = jax.jit(lambda w: jax.lax.scan(layer, None, w))(windows)
+    for out, window in zip(got, (48, None), strict=True):
+        mask = Mask(seg, branch, positions, window)
+        assert_close(out, reference_attention(q, k, v, mask, Logits(0.25)))
+    assert not np.allclose(got[0], got[1])  # the window changes the result
 
 
 def test_padding_rows_and_queries_read_zeros_and_get_no_gradient():
