@@ -229,10 +229,8 @@ class Attention(nnx.Module):
         k = constrain(k, KV_NAMES)
         v = constrain(v, KV_NAMES)
         block = math.gcd(q.shape[1], c.attention_block_size)
-        mesh, specs = None, None
-        if mask.kind != "causal":
-            rows = mask.segment_ids
-            mesh, specs = activation_specs((Q_NAMES, KV_NAMES, ROW_NAMES), (q, k, rows))
+        rows = mask.token_positions(q.shape[:2])  # per device kernels split rows like q
+        mesh, specs = activation_specs((Q_NAMES, KV_NAMES, ROW_NAMES), (q, k, rows))
         out = attend(q, k, v, mask, c.attention, c.logits, block=block, mesh=mesh, specs=specs)
         y = jnp.einsum("btnh,nhd->btd", out, self.o_kernel.value.astype(c.dtype))
         if c.o_bias:

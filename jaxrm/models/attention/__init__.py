@@ -16,7 +16,8 @@ Implementations (`IMPLEMENTATIONS`, each declaring what it can express: `table.p
 scores: the tests' reference, `reference.py`, or XLA's fused attention for causal rows), `flash`
 (a blocked kernel in plain JAX that never forms T x T and skips dead blocks, `flash.py`: the
 CPU's), `cudnn` (cuDNN flash attention, packed masks as a dense array: `cudnn.py`, GPU), `splash`
-(the TPU's splash attention: `splash_tpu.py`). A new implementation is a module with its
+(the TPU's splash attention: `splash_tpu.py`), `pallas` (block-sparse flash attention in Pallas
+for GPUs, every mask kind: `pallas_gpu.py`). A new implementation is a module with its
 `Implementation` entry, added to `IMPLEMENTATIONS` (and to a backend's auto order in
 `jaxrm.backends`). A model config's `attention` is one name or a `Choice` (one per mask kind).
 """
@@ -29,6 +30,7 @@ from jax.sharding import PartitionSpec
 from jaxrm.models.attention.cudnn import CUDNN
 from jaxrm.models.attention.flash import flash_packed
 from jaxrm.models.attention.mask import NO_WINDOW, Logits, Mask, allowed_pairs
+from jaxrm.models.attention.pallas_gpu import PALLAS
 from jaxrm.models.attention.reference import reference_attention
 from jaxrm.models.attention.splash_tpu import SPLASH
 from jaxrm.models.attention.table import (
@@ -128,7 +130,7 @@ FLASH = Implementation(
     {"causal": _xla_causal, "segments": flash_packed, "tree": flash_packed},
     padded_rows_as_segments=True,
 )
-IMPLEMENTATIONS: dict[str, Implementation] = {i.name: i for i in (FLASH, XLA, CUDNN, SPLASH)}
+IMPLEMENTATIONS: dict[str, Implementation] = {i.name: i for i in (FLASH, XLA, CUDNN, SPLASH, PALLAS)}
 ATTENTION_IMPLEMENTATIONS = tuple(IMPLEMENTATIONS)
 
 # What runs for each kind of mask, by `attention` name.
