@@ -39,7 +39,7 @@ AUTO = "auto"
 # XLA's fwd+bwd (benchmarks/RESULTS.md). On accelerators its loop syncs with the host per block, so
 # the fused kernels come first: cuDNN on GPUs, splash on TPUs (neither measured against it yet).
 BACKEND_DEFAULTS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "gpu": ("bfloat16", ("cudnn", "flash", "xla")),
+    "gpu": ("bfloat16", ("cudnn", "pallas", "flash", "xla")),
     "tpu": ("bfloat16", ("splash", "flash", "xla")),
     "cpu": ("float32", ("flash", "xla")),  # XLA:CPU has no native bf16 and runs it slower
 }

@@ -130,7 +130,9 @@ FLASH = Implementation(
     {"causal": _xla_causal, "segments": flash_packed, "tree": flash_packed},
     padded_rows_as_segments=True,
 )
-IMPLEMENTATIONS: dict[str, Implementation] = {i.name: i for i in (FLASH, XLA, CUDNN, SPLASH, PALLAS)}
+IMPLEMENTATIONS: dict[str, Implementation] = {
+    i.name: i for i in (FLASH, XLA, CUDNN, SPLASH, PALLAS)
+}
 ATTENTION_IMPLEMENTATIONS = tuple(IMPLEMENTATIONS)
 
 # What runs for each kind of mask, by `attention` name.
