@@ -27,7 +27,8 @@ from jaxrm.config import base_config, get_config
 from jaxrm.distributed import initialize_distributed
 from jaxrm.errors import UserError, exit_on_user_error, first_line
 from jaxrm.hf import model_architecture
-from jaxrm.models.attention import causal_attention, packed_attention
+from jaxrm.models.attention import Mask
+from jaxrm.models.attention import attend as attend_masked
 from jaxrm.plan import make_plan, plan_batch, plan_pack, resolve
 from jaxrm.sharding import MAX_REPLICATED_SHARE, data_parallel_size, make_mesh
 
@@ -158,9 +159,8 @@ def attention_probe(implementation: str) -> str:
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax.Array:
     """Causal attention over whole rows with `implementation` (flash: one segment per row)."""
     if implementation == "flash":
-        segments = jnp.ones(q.shape[:2], jnp.int32)
-        return packed_attention(q, k, v, segments, jnp.zeros_like(segments), "flash")
-    return causal_attention(q, k, v, implementation)
+        return attend_masked(q, k, v, Mask(jnp.ones(q.shape[:2], jnp.int32)), "flash")
+    return attend_masked(q, k, v, Mask(), implementation)
 
 
 Architecture = tuple[dict, str] | UserError  # (config.json, where from), or why it is unreachable

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrm.data import packing
-from jaxrm.models.attention import DEFAULT_BLOCK, live_blocks, packed_attention
+from jaxrm.models.attention import DEFAULT_BLOCK, Mask, attend
+from jaxrm.models.attention.flash import live_blocks
 
 
 def packed_ids(rows: int, length: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,7 +51,7 @@ def time_fwd_bwd(implementation: str, inputs, repeats: int) -> tuple[float, int]
     q, k, v, segment_ids, branch_ids, cotangent = inputs
 
     def loss(q, k, v):
-        out = packed_attention(q, k, v, segment_ids, branch_ids, implementation)
+        out = attend(q, k, v, Mask(segment_ids, branch_ids), implementation)
         return jnp.sum(out.astype(jnp.float32) * cotangent)
 
     step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))

@@ -24,7 +24,14 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxrm.models.attention import ATTENTION_IMPLEMENTATIONS, DEFAULT_BLOCK, Mask, attend
+from jaxrm.models.attention import (
+    ATTENTION_IMPLEMENTATIONS,
+    DEFAULT_BLOCK,
+    Logits,
+    Mask,
+    attend,
+    prepare_mask,
+)
 from jaxrm.models.remat import REMAT_POLICIES
 from jaxrm.sharding import activation_specs, constrain
 
@@ -169,11 +176,12 @@ class Attention(nnx.Module):
         k = constrain(k, KV_NAMES)
         v = constrain(v, KV_NAMES)
         block = math.gcd(q.shape[1], c.attention_block_size)
-        mesh_and_specs = (None, None)
-        if mask.kind == "packed":
+        mesh, specs = None, None
+        if mask.kind != "causal":
             rows = mask.segment_ids
-            mesh_and_specs = activation_specs((Q_NAMES, KV_NAMES, ROW_NAMES), (q, k, rows))
-        out = attend(q, k, v, mask, c.attention, block, *mesh_and_specs)
+            mesh, specs = activation_specs((Q_NAMES, KV_NAMES, ROW_NAMES), (q, k, rows))
+        logits = Logits(c.head_dim**-0.5)
+        out = attend(q, k, v, mask, c.attention, logits, block=block, mesh=mesh, specs=specs)
         y = jnp.einsum("btnh,nhd->btd", out, self.o_kernel.value.astype(c.dtype))
         if c.attention_bias:
             y = y + self.o_bias.value.astype(c.dtype)
@@ -228,7 +236,7 @@ class LlamaModel(nnx.Module):
     """Embedding -> scanned decoder layers -> final norm; returns hidden states [B, T, D].
 
     Right-padded rows (no `segment_ids`): positions 0..T-1, causal attention. Packed rows:
-    per-token `positions`, `segment_ids` and `branch_ids` (see jaxrm/models/attention.py).
+    per-token `positions`, `segment_ids` and `branch_ids` (see jaxrm/models/attention/).
     """
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
@@ -262,7 +270,7 @@ class LlamaModel(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         cos, sin = rope_cos_sin(c, positions)
-        mask = Mask(segment_ids, branch_ids)
+        mask = prepare_mask(Mask(segment_ids, branch_ids, positions), c.attention)
         graphdef, layer_state = nnx.split(self.layers)
 
         def layer_step(carry: jax.Array, state) -> tuple[jax.Array, None]:
