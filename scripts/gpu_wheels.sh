@@ -7,7 +7,7 @@
 #
 # It resolves jaxrm's dependencies for CPython 3.12 on manylinux x86-64 at the pins of
 # scripts/constraints.txt, with the image's JAX (GPU_JAX_VERSION, default 0.11.2) in place of
-# 0.10.2, then downloads (no other resolution) every pure-Python wheel of that set except jax, plus
+# 0.10.2 and a flax that runs on it (GPU_FLAX_VERSION, default 0.12.10), then downloads (no other resolution) every pure-Python wheel of that set except jax, plus
 # the compiled wheels of the packages the image lacks (COMPILED_MISSING: read off the image's package
 # list, .library/device/KINDS.md, 2026-11-17). gpu_check.sh then lets pip pick from the folder only
 # what the image lacks or has at a version outside jaxrm's ranges. About 30 MB.
@@ -19,6 +19,9 @@ cd "$(dirname "$0")/.."
 folder="${1:-.gpu-wheels}"
 python="${PYTHON:-.venv/bin/python}"
 jax_version="${GPU_JAX_VERSION:-0.11.2}"
+# flax 0.12.8 (the CPU pin) needs JAX < 0.11 (jax.experimental.hijax.HiPrimitive); 0.12.9+ needs
+# JAX >= 0.11.1
+flax_version="${GPU_FLAX_VERSION:-0.12.10}"
 COMPILED_MISSING="grain array-record pydantic-core"
 platforms=()
 for n in 2_17 2_24 2_27 2_28 2_31 2_34 2_35; do platforms+=(--platform "manylinux_${n}_x86_64"); done
@@ -27,9 +30,10 @@ target=(--python-version 3.12 --implementation cp --only-binary=:all: "${platfor
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 # the tested pins, the image's JAX, and nothing of the accelerator or test extras
-grep -viE '^(jax|jaxlib|jax-cuda[0-9]+-[a-z]+|libtpu|nvidia-[a-z0-9-]+|torch|pytest|ruff)==' \
+grep -viE '^(jax|jaxlib|jax-cuda[0-9]+-[a-z]+|libtpu|nvidia-[a-z0-9-]+|torch|pytest|ruff|flax)==' \
   scripts/constraints.txt > "$work/constraints.txt"
-printf 'jax==%s\njaxlib==%s\n' "$jax_version" "$jax_version" >> "$work/constraints.txt"
+printf 'jax==%s\njaxlib==%s\nflax==%s\n' "$jax_version" "$jax_version" "$flax_version" \
+  >> "$work/constraints.txt"
 "$python" -m pip install -q --dry-run --ignore-installed --report "$work/report.json" \
   --target "$work/unused" "${target[@]}" -c "$work/constraints.txt" .
 "$python" - "$work/report.json" "$COMPILED_MISSING" > "$work/wanted.txt" <<'PY'
