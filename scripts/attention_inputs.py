@@ -9,17 +9,20 @@ whose rests restart their positions after the prompt; without it (`segments`) a 
 sequences, prompt + chosen and prompt + rejected. A row is closed after 16 pairs in a row that do
 not fit in what is left; the rest is padding. `causal` rows are
 right-padded single sequences of the same lengths (prompt + chosen), one per row.
+
+JAX is imported only when a function needs it (scripts/attention_compile.py sets up the CUDA
+plugin first).
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from jaxrm.backends import attention_misfit
-from jaxrm.models.attention import KERNELS, Mask
+if TYPE_CHECKING:
+    from jaxrm.models.attention import Mask
 
 MASK_KINDS = ("causal", "segments", "tree")
 # the batch layout each mask kind comes from (the backends table's needs are by layout)
@@ -29,6 +32,9 @@ MAX_MISSES = 16  # pairs drawn that do not fit before a row is closed
 
 def implementations(kind: str, backend: str, dtype: str, head_dim: int) -> list[str]:
     """What the attention table runs for `kind` on `backend` at this dtype and head_dim."""
+    from jaxrm.backends import attention_misfit
+    from jaxrm.models.attention import KERNELS
+
     return [
         name
         for name in KERNELS[kind]
@@ -76,6 +82,8 @@ def chat_rows(kind: str, rows: int, length: int, seed: int) -> dict[str, np.ndar
 def make_mask(kind: str, ids: dict[str, np.ndarray], window: int | None = None) -> Mask:
     """The `Mask` of `kind` over `chat_rows(kind, ...)`."""
     import jax.numpy as jnp
+
+    from jaxrm.models.attention import Mask
 
     if kind == "causal":
         return Mask(window=window)
