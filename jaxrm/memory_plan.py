@@ -3,7 +3,7 @@
     python scripts/memory_plan.py --config configs/tulu8b.py --devices 16
         [--batch_layout packed|padded] [--pack_length 8192] [--pack_rows_per_device 1]
         [--per_device_train_batch_size 4] [--remat_policy full] [--model_config PATH]
-        [--memory_gb 80] [--largest] [--target cpu|h100] [--config.key=value ...]
+        [--memory_gb 80] [--largest] [--target cpu|h100|v5e|v5p|v6e] [--config.key=value ...]
 
 Everything is abstract: the architecture comes from the model's config.json alone
 (`jaxrm.hf.model_architecture`: a local directory's, jaxrm's shipped copy for the hub ids it has
@@ -25,8 +25,10 @@ GPU compiler). `dtype` auto plans the accelerators' bf16; cuDNN attention cannot
 XLA:CPU, so `auto` and `cudnn` are planned with `flash`, which likewise never forms T x T.
 
 `--target h100` compiles for N H100s instead, by XLA:GPU run on this CPU (`jaxrm.deviceless`: JAX's
-CUDA plugin from the side folder `scripts/cuda_plugin.sh` makes, openxla's H100 target spec): the
-GPU compiler's own memory analysis, with the attention the backends table picks on a GPU.
+CUDA plugin from the side folder `scripts/deviceless_plugin.sh cuda` makes, openxla's H100 target
+spec): the GPU compiler's own memory analysis, with the attention the backends table picks on a
+GPU. `--target v5e|v5p|v6e` likewise compiles for a TPU slice of N chips by libtpu
+(`scripts/deviceless_plugin.sh tpu`).
 
 `--largest` also finds the largest micro-batch per device (packed rows, or padded pairs) whose
 peak fits in `--memory_gb` (GB = 10^9 bytes), planning each size it tries. The last line printed is
@@ -53,7 +55,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxrm.backends import AUTO, Execution, resolve_execution
 from jaxrm.config import get_config
 from jaxrm.data.batch import FIELDS, PACKED_FIELDS, Field, batch_shardings, field_shapes
-from jaxrm.deviceless import TARGETS, analysis_name, target_devices
+from jaxrm.deviceless import TARGETS, target_devices, target_named
 from jaxrm.errors import UserError, exit_on_user_error
 from jaxrm.hf import model_architecture
 from jaxrm.hf import read_config_file as read_model_config
@@ -70,9 +72,8 @@ ANALYSIS = "XLA:CPU"
 HOST = "cpu"  # --target: fake CPU devices, XLA:CPU's analysis
 # The backends-table row planned on fake CPU devices: an accelerator (bf16 for dtype auto) whose
 # attention choices (flash, xla) XLA:CPU compiles; a GPU's cuDNN cannot be, and `flash` likewise
-# never forms T x T. A deviceless GPU target plans the GPU row.
+# never forms T x T. A deviceless target plans its own row.
 PLANNED_BACKEND = "tpu"
-TARGET_BACKEND = "gpu"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,11 +128,11 @@ def execution(
 ) -> Execution:
     """The compute dtype and attention planned: on fake CPU devices, what the backends table
     resolves on an accelerator whose attention XLA:CPU compiles too (cuDNN is planned as `auto`,
-    see above); for a GPU target, what it resolves on a GPU."""
+    see above); for a deviceless target, what it resolves on the target's backend."""
     head_dim = model_config(hf_config).head_dim
     if target != HOST:
         return resolve_execution(
-            cfg.dtype, cfg.attention, TARGET_BACKEND, head_dim, cfg.batch_layout
+            cfg.dtype, cfg.attention, target_named(target).backend, head_dim, cfg.batch_layout
         )
     attention = AUTO if cfg.attention == "cudnn" else cfg.attention
     return resolve_execution(cfg.dtype, attention, PLANNED_BACKEND, head_dim, cfg.batch_layout)
@@ -198,7 +199,7 @@ def plan(
         "parameters": parameters,
         "devices": mesh.size,
         "mesh": dict(mesh.shape),
-        "analysis": ANALYSIS if target == HOST else analysis_name(target),
+        "analysis": ANALYSIS if target == HOST else target_named(target).analysis,
         "target": target,
         "dtype": run.execution.dtype,
         "param_dtype": cfg.param_dtype,
@@ -296,7 +297,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         "--target",
         choices=(HOST, *TARGETS),
         default=HOST,
-        help="cpu: fake CPU devices (XLA:CPU); h100: deviceless XLA:GPU (scripts/cuda_plugin.sh)",
+        help="cpu: fake CPU devices (XLA:CPU); h100: XLA:GPU, v5e/v5p/v6e: XLA:TPU, without "
+        "the accelerator (scripts/deviceless_plugin.sh cuda|tpu)",
     )
     parser.add_argument(
         "--largest",

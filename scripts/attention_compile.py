@@ -1,15 +1,16 @@
-"""Every GPU attention implementation of the table, compiled for an H100 on this CPU (no GPU): does
-it compile, does the program loop over attention blocks on the host side, and its memory.
+"""Every attention implementation the table holds for an accelerator, compiled for it on this CPU
+(no GPU or TPU): does it compile, does the program loop over attention blocks in XLA, its memory.
 
-    .venv/bin/python scripts/attention_compile.py [--target h100] [--length 8192 --heads 32
-        --kv_heads 8 --head_dim 128] [--kinds causal,segments,tree] [--output FILE.json]
+    .venv/bin/python scripts/attention_compile.py [--target h100|v5e|v5p|v6e] [--length 8192
+        --heads 32 --kv_heads 8 --head_dim 128] [--kinds causal,segments,tree] [--output FILE]
 
-Needs JAX's CUDA plugin beside .venv (scripts/cuda_plugin.sh; jaxrm/deviceless.py). For each mask
-kind and each implementation `KERNELS[kind]` holds that the backends table lets run on a GPU in
-bfloat16 at this head_dim, the forward + backward of `sum(out * cotangent)` (q, k, v, the mask's
-ids as arguments) is lowered and compiled by XLA:GPU for the target. Reported per program: the
-HLO `while` loops of the compiled module (a kernel that loops over blocks in XLA, as `flash`
-does, has them: each iteration is a round of kernel launches, and a trip count the device
+Needs the target's plugin beside .venv (scripts/deviceless_plugin.sh cuda|tpu;
+jaxrm/deviceless.py). For each mask kind and each implementation `KERNELS[kind]` holds that the
+backends table lets run on the target's backend (gpu, tpu) in bfloat16 at this head_dim, the
+forward + backward of `sum(out * cotangent)` (q, k, v, the mask's ids as arguments) is lowered
+and compiled by XLA:GPU (XLA:TPU) for one device of the target. Reported per program: the HLO
+`while` loops of the compiled module (a kernel that loops over blocks in XLA, as `flash` does,
+has them: each iteration is a round of kernel launches, and on a GPU a trip count the device
 computes makes XLA:GPU read the loop predicate back to the host; a fused kernel has none), the
 custom calls (cuDNN, Triton), XLA's memory analysis and the compile time. Last line: one JSON
 object.
@@ -36,10 +37,11 @@ def compile_all(args: argparse.Namespace) -> dict:
     from attention_inputs import MASK_KINDS, implementations
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from jaxrm.deviceless import analysis_name, target_devices
+    from jaxrm.deviceless import target_devices, target_named
     from jaxrm.models.attention import Logits, Mask, attend
 
-    devices = target_devices(args.target, 1)
+    target = target_named(args.target)
+    devices = target_devices(args.target, 1 if target.plugin == "cuda" else 4)[:1]
     sharding = NamedSharding(Mesh(devices, ("x",)), PartitionSpec())
 
     def struct(shape, dtype):
@@ -54,7 +56,7 @@ def compile_all(args: argparse.Namespace) -> dict:
     logits = Logits(args.head_dim**-0.5)
     result = {
         "target": args.target,
-        "analysis": analysis_name(args.target),
+        "analysis": target.analysis,
         "device": devices[0].device_kind,
         "jax": jax.__version__,
         "shape": {
@@ -70,7 +72,7 @@ def compile_all(args: argparse.Namespace) -> dict:
     for kind in args.kinds.split(","):
         if kind not in MASK_KINDS:
             raise SystemExit(f"error: --kinds: unknown mask kind {kind!r}")
-        for implementation in implementations(kind, "gpu", "bfloat16", args.head_dim):
+        for implementation in implementations(kind, target.backend, "bfloat16", args.head_dim):
 
             def loss(q, k, v, cotangent, mask, implementation=implementation):
                 out = attend(q, k, v, mask, implementation, logits)
@@ -108,12 +110,12 @@ def main() -> None:
     parser.add_argument("--output", help="also write the JSON here")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from jaxrm.deviceless import use_cuda_plugin
+    from jaxrm.deviceless import use_plugin
     from jaxrm.errors import exit_on_user_error, run_cli
 
     @exit_on_user_error
     def run() -> None:
-        use_cuda_plugin()
+        use_plugin(args.target)
         result = compile_all(args)
         if args.output:
             Path(args.output).write_text(json.dumps(result, indent=1) + "\n")

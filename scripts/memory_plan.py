@@ -4,9 +4,10 @@ memory analysis of the train step on N devices, without allocating any weights.
 The N devices are fake CPU devices made here (XLA_FLAGS=--xla_force_host_platform_device_count=N,
 JAX_PLATFORMS=cpu, set before JAX is imported), so the analysis is XLA:CPU's: it keeps more in
 float32 than the GPU/TPU compilers and over-estimates their temporaries. With `--target h100`
-they are N compile-only H100s of JAX's CUDA plugin from `.cuda-plugin/` (scripts/cuda_plugin.sh),
-and the analysis is XLA:GPU's, still without a GPU. Flags, the report and its final JSON line:
-see jaxrm/memory_plan.py.
+(or v5e, v5p, v6e) they are N compile-only devices of JAX's CUDA plugin from `.cuda-plugin/` (or
+libtpu from `.tpu-plugin/`; scripts/deviceless_plugin.sh), and the analysis is XLA:GPU's
+(XLA:TPU's), still without the accelerator. Flags, the report and its final JSON line: see
+jaxrm/memory_plan.py.
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ if __name__ == "__main__":
         if known.target == "cpu":
             fake_cpu_devices(max(known.devices, 1))
         else:
-            from jaxrm.deviceless import use_cuda_plugin
+            from jaxrm.deviceless import use_plugin
 
-            use_cuda_plugin()
+            use_plugin(known.target)
         from jaxrm.memory_plan import main
 
         main(sys.argv[1:])

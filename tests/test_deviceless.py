@@ -1,9 +1,10 @@
 """Compiled for an H100 on this CPU (jaxrm/deviceless.py, JAX's CUDA plugin in the side folder
-scripts/cuda_plugin.sh makes): every GPU attention implementation of the table compiles, only
+scripts/deviceless_plugin.sh makes): every GPU attention implementation of the table compiles, only
 `flash` loops over blocks in XLA, and the memory plan runs by the GPU compiler's analysis.
 
-The compiles run where the side folder exists (`JAXRM_DEVICELESS=1 scripts/test.sh` makes it:
-~223 MB of wheels, ~570 MB installed); they are skipped elsewhere."""
+Also libtpu's compile for a TPU slice. The compiles run where the side folders exist
+(`JAXRM_DEVICELESS=1 scripts/test.sh` makes them: ~436 MB of wheels, ~800 MB installed); they are
+skipped elsewhere."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ import sys
 
 import pytest
 
-from jaxrm.deviceless import cuda_plugin_installed, target_config
+from jaxrm.deviceless import plugin_installed, target_config, tpu_topology
 
-needs_plugin = pytest.mark.skipif(
-    not cuda_plugin_installed(), reason="no CUDA plugin beside .venv (scripts/cuda_plugin.sh)"
+needs_cuda = pytest.mark.skipif(
+    not plugin_installed("cuda"), reason="no CUDA plugin (scripts/deviceless_plugin.sh cuda)"
+)
+needs_tpu = pytest.mark.skipif(
+    not plugin_installed("tpu"), reason="no libtpu (scripts/deviceless_plugin.sh tpu)"
 )
 # implementations that loop over attention blocks in XLA, by design (the plain-JAX blocked kernel)
 LOOPING = {"flash"}
@@ -31,7 +35,7 @@ def run_script(*argv: str) -> dict:
 
 
 @pytest.mark.slow
-@needs_plugin
+@needs_cuda
 def test_every_gpu_attention_compiles_for_an_h100_and_only_flash_loops():
     compiled = run_script("scripts/attention_compile.py", "--length", "1024")
     assert compiled["device"] == "NVIDIA H100 80GB HBM3"
@@ -47,7 +51,7 @@ def test_every_gpu_attention_compiles_for_an_h100_and_only_flash_loops():
 
 
 @pytest.mark.slow
-@needs_plugin
+@needs_cuda
 def test_memory_plan_for_h100s():
     planned = run_script(
         "scripts/memory_plan.py", "--config", "configs/tiny.py", "--devices", "2",
@@ -63,3 +67,24 @@ def test_the_target_spec_is_openxlas_with_jaxrms_cudnn_version():
     assert 'name: "NVIDIA H100 80GB HBM3"' in text and "core_count: 132" in text
     assert "dnn_version_info {\n  major: 9\n  minor: 8" in text
     assert "collective_memory_granularity" not in text
+
+
+@pytest.mark.slow
+@needs_tpu
+def test_attention_and_memory_plan_for_a_tpu_slice():
+    compiled = run_script("scripts/attention_compile.py", "--target", "v5e", "--length", "1024",
+                          "--kinds", "tree")  # fmt: skip
+    assert compiled["device"] == "TPU v5 lite"
+    programs = {p["implementation"]: p for p in compiled["programs"]}
+    assert programs["flash"]["while_loops"] >= 1
+    planned = run_script(
+        "scripts/memory_plan.py", "--config", "configs/tiny.py", "--devices", "4",
+        "--target", "v5e",
+    )  # fmt: skip
+    assert planned["analysis"] == "XLA:TPU (v5e target, deviceless)" and planned["devices"] == 4
+    assert planned["per_device_bytes"] > planned["parameter_bytes"] > 0
+
+
+def test_tpu_topologies():
+    assert [tpu_topology(n, 2) for n in (4, 8, 16, 64)] == ["2x2", "2x4", "4x4", "8x8"]
+    assert [tpu_topology(n, 3) for n in (4, 16, 64)] == ["1x2x2", "2x2x4", "4x4x4"]
