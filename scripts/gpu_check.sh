@@ -19,6 +19,8 @@
 #   bench_attention  scripts/bench_attention.py, each implementation and mask kind at T = 8192,
 #              Llama-3.1-8B heads (32 q / 8 kv, head_dim 128), bf16, fwd+bwd, live-pair TFLOP/s
 #   bench      scripts/bench.py --preset gpu-1b: jaxrm packed against the PyTorch reference, bf16
+#              (JAXRM_GPU_CHECK_FLEX=1: also PyTorch flex_attention with the same tree mask on
+#              jaxrm's packed rows, +90 s; left out of the figures if it fails)
 #   train      the tiny config end to end (python -m jaxrm.train --config configs/tiny.py)
 # PYTHON names the interpreter (default: python3 on a GPU, .venv/bin/python for the dry run).
 set -uo pipefail
@@ -57,7 +59,12 @@ if [ "$mode" = "gpu" ]; then
     --kinds tree,segments,causal --repeats 5)
   bench_args=(--preset gpu-1b --sides jaxrm,reference)
   train_args=()
-  limits=(60 45 110 80 150 45)  # seconds: install devices attention bench_attention bench train
+  limits=(40 25 105 100 165 45)  # seconds (480 in all): install devices attention bench_attention
+  # bench train
+  if [ "${JAXRM_GPU_CHECK_FLEX:-0}" = 1 ]; then  # + PyTorch flex_attention on the tree mask
+    bench_args=(--preset gpu-1b --sides jaxrm,reference,reference_flex)
+    limits[4]=255
+  fi
 else
   py="${PYTHON:-.venv/bin/python}"
   wheels="$work/no-wheels"  # .venv has every dependency: pip must plan to install none

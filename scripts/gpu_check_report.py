@@ -106,7 +106,7 @@ def markdown(summary: dict) -> list[str]:
         lines += ["", f"Train step, preset {train_bench['preset']} ({train_bench['pairs']} pairs):",
                   "", "| side | non-pad tokens/s | MFU | vs reference | setup |",
                   "|---|---|---|---|---|"]  # fmt: skip
-        for side in ("jaxrm", "jaxrm_padded", "reference"):
+        for side in ("jaxrm", "jaxrm_padded", "reference", "reference_flex"):
             if f"{side}_nonpad_tokens_per_s" not in train_bench:
                 continue
             mfu = train_bench.get(f"{side}_mfu")

@@ -55,3 +55,28 @@ def test_usage_errors_are_one_line(tmp_path):
         env={"PATH": "/usr/bin:/bin", "JAXRM_GPU_WHEELS": str(tmp_path / "none")},
     )  # fmt: skip
     assert_one_line_error(missing, "no wheels folder", "scripts/gpu_wheels.sh")
+
+
+def test_flex_attention_tree_mask_is_jaxrms_rule():
+    """bench.py's reference_flex side (a GPU's: FlexAttention has no backward on CPU) masks as
+    `allowed_pairs` does for real queries; a padding query reads only itself."""
+    import sys
+
+    import numpy as np
+    import torch
+    from torch.nn.attention.flex_attention import create_mask
+
+    sys.path.insert(0, "scripts")
+    from attention_inputs import chat_rows, make_mask
+    from bench import tree_mask_mod
+
+    from jaxrm.models.attention import allowed_pairs
+
+    ids = chat_rows("tree", 2, 512, seed=3)
+    seg, branch = (torch.as_tensor(ids[k]) for k in ("segment_ids", "branch_ids"))
+    dense = create_mask(tree_mask_mod(seg, branch), 2, None, 512, 512, device="cpu")[:, 0].numpy()
+    expected = np.asarray(allowed_pairs(make_mask("tree", ids), (2, 512)))
+    real = ids["segment_ids"] > 0
+    assert 0.5 < real.mean() < 1  # rows with real tokens and padding
+    assert (dense[real] == expected[real]).all()
+    assert (dense[~real] == np.eye(512, dtype=bool)[None].repeat(2, 0)[~real]).all()
