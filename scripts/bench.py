@@ -294,17 +294,8 @@ def run_reference(args, workdir: Path, pairs: list) -> dict:
     started = time.perf_counter()
     computed = sum(run_step(s) for _ in range(args.timed_epochs) for s in steps)
     seconds = time.perf_counter() - started
-    return {
-        "attention": "sdpa",
-        "dtype": "bfloat16 autocast" if cuda else "float32",
-        "layout": "padded to the step's longest row",
-        "seconds": seconds,
-        "steps": len(steps) * args.timed_epochs,
-        "compile_seconds": 0.0,
-        "tokens_computed": computed,
-        "device_peak_bytes": int(torch.cuda.max_memory_allocated()) if cuda else None,
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
-    }
+    layout = "padded to the step's longest row"
+    return torch_result("sdpa", layout, seconds, len(steps) * args.timed_epochs, 0.0, computed)
 
 
 def tree_mask_mod(seg, branch):
@@ -371,14 +362,29 @@ def run_reference_flex(args, workdir: Path, pairs: list) -> dict:
         for step in host:
             run_step(step)
     seconds = time.perf_counter() - started
+    count = len(host) * args.timed_epochs
+    compile_seconds = max(0.0, warmup_seconds - seconds / count)
+    tokens = int(sum(computed)) * args.timed_epochs
+    return torch_result(
+        "flex_attention (tree mask)", "packed", seconds, count, compile_seconds, tokens
+    )
+
+
+def torch_result(
+    attention: str, layout: str, seconds: float, steps: int, compile_seconds: float, tokens: int
+) -> dict:
+    """A PyTorch side's figures (bf16 autocast on a GPU, float32 on CPU)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
     return {
-        "attention": "flex_attention (tree mask)",
+        "attention": attention,
         "dtype": "bfloat16 autocast" if cuda else "float32",
-        "layout": "packed",
+        "layout": layout,
         "seconds": seconds,
-        "steps": len(host) * args.timed_epochs,
-        "compile_seconds": max(0.0, warmup_seconds - seconds / (len(host) * args.timed_epochs)),
-        "tokens_computed": int(sum(computed)) * args.timed_epochs,
+        "steps": steps,
+        "compile_seconds": compile_seconds,
+        "tokens_computed": tokens,
         "device_peak_bytes": int(torch.cuda.max_memory_allocated()) if cuda else None,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
     }
