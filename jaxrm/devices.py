@@ -39,6 +39,9 @@ RUNTIME_DISTRIBUTIONS = (
     "jax-cuda12-plugin",
     "jax-cuda12-pjrt",
     "nvidia-cudnn-cu12",
+    "jax-cuda13-plugin",
+    "jax-cuda13-pjrt",
+    "nvidia-cudnn-cu13",
     "libtpu",
 )
 # The probe's shapes: [batch, length, heads, head_dim], bf16 (head_dim 128: splash needs it).
