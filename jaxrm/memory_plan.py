@@ -3,7 +3,7 @@
     python scripts/memory_plan.py --config configs/tulu8b.py --devices 16
         [--batch_layout packed|padded] [--pack_length 8192] [--pack_rows_per_device 1]
         [--per_device_train_batch_size 4] [--remat_policy full] [--model_config PATH]
-        [--memory_gb 80] [--largest] [--config.key=value ...]
+        [--memory_gb 80] [--largest] [--target cpu|h100|v5e|v5p|v6e] [--config.key=value ...]
 
 Everything is abstract: the architecture comes from the model's config.json alone
 (`jaxrm.hf.model_architecture`: a local directory's, jaxrm's shipped copy for the hub ids it has
@@ -21,8 +21,15 @@ On a host without N accelerators the devices are fake CPU devices (scripts/memor
 `--xla_force_host_platform_device_count`), so the analysis is XLA:CPU's, which keeps more of the
 bf16 work in float32 than the GPU and TPU compilers: it over-estimates their temporaries
 (benchmarks/RESULTS.md, "Memory plan": one 8B step came to 86 GiB by XLA:CPU and 69 GiB by the
-GPU compiler). `dtype` auto plans the accelerators' bf16; cuDNN attention cannot be compiled by
-XLA:CPU, so `auto` and `cudnn` are planned with `flash`, which likewise never forms T x T.
+GPU compiler). `dtype` auto plans the accelerators' bf16; the accelerators' attention kernels
+(cuDNN, splash) cannot be compiled by XLA:CPU, so the mask kinds `auto` gives them are planned with
+`flash`, which likewise never forms T x T.
+
+`--target h100` compiles for N H100s instead, by XLA:GPU run on this CPU (`jaxrm.deviceless`: JAX's
+CUDA plugin from the side folder `scripts/deviceless_plugin.sh cuda` makes, openxla's H100 target
+spec): the GPU compiler's own memory analysis, with the attention the backends table picks on a
+GPU. `--target v5e|v5p|v6e` likewise compiles for a TPU slice of N chips by libtpu
+(`scripts/deviceless_plugin.sh tpu`).
 
 `--largest` also finds the largest micro-batch per device (packed rows, or padded pairs) whose
 peak fits in `--memory_gb` (GB = 10^9 bytes), planning each size it tries. The last line printed is
@@ -46,15 +53,17 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxrm.backends import AUTO, Execution, model_attention, resolve_execution
+from jaxrm.backends import AUTO, Execution, compiled_by
 from jaxrm.config import get_config
 from jaxrm.data.batch import FIELDS, PACKED_FIELDS, Field, batch_shardings, field_shapes
+from jaxrm.deviceless import TARGETS, target_devices, target_named
 from jaxrm.errors import UserError, exit_on_user_error
 from jaxrm.hf import model_architecture
 from jaxrm.hf import read_config_file as read_model_config
 from jaxrm.logs import setup_logging
+from jaxrm.models.attention import IMPLEMENTATIONS
 from jaxrm.objective import METRIC_SUM_KEYS, Objective
-from jaxrm.plan import abstract_opt_state, make_plan, model_config
+from jaxrm.plan import abstract_opt_state, make_plan, resolve
 from jaxrm.sharding import (
     MESH_AXES,
 )
@@ -62,8 +71,10 @@ from jaxrm.step import make_train_step
 
 GIB = 1024**3
 ANALYSIS = "XLA:CPU"
-# The backends-table row planned: an accelerator (bf16 for dtype auto) whose attention choices
-# (flash, xla) XLA:CPU compiles; a GPU's cuDNN cannot be, and `flash` likewise never forms T x T.
+HOST = "cpu"  # --target: fake CPU devices, XLA:CPU's analysis
+# The backends-table row planned on fake CPU devices: an accelerator (bf16 for dtype auto); its
+# attention kernels are planned with what XLA:CPU compiles (`compiled_by`). A deviceless target
+# plans its own row.
 PLANNED_BACKEND = "tpu"
 
 
@@ -114,14 +125,20 @@ def batch_structs(fields: dict[str, Field], shapes: dict[str, tuple[int, ...]], 
     return {k: struct(shapes[k], f.dtype, shardings[k]) for k, f in fields.items()}
 
 
-def execution(cfg: ml_collections.ConfigDict, hf_config: dict[str, Any]) -> Execution:
-    """The compute dtype and attention planned: what the backends table resolves on an
-    accelerator whose attention XLA:CPU compiles too (cuDNN is planned as `auto`, see above)."""
-    attention = AUTO if cfg.attention == "cudnn" else cfg.attention
-    needs = model_attention(model_config(hf_config))
-    return resolve_execution(
-        cfg.dtype, attention, PLANNED_BACKEND, layout=cfg.batch_layout, **needs
-    )
+def execution(
+    cfg: ml_collections.ConfigDict, hf_config: dict[str, Any], target: str = HOST
+) -> Execution:
+    """The compute dtype and attention planned. On fake CPU devices: the run plan's resolution on
+    an accelerator (`PLANNED_BACKEND`; an attention set for another accelerator is planned as
+    `auto`), with each mask kind's kernel that XLA:CPU cannot compile planned with the CPU's (see
+    above). For a deviceless target: the resolution on the target's backend, kernels as they are."""
+    if target != HOST:
+        return resolve(cfg, hf_config, target_named(target).backend)
+    planned = cfg.copy_and_resolve_references()
+    attention = IMPLEMENTATIONS.get(planned.attention)
+    if attention is not None and attention.misfit("causal", backend=PLANNED_BACKEND):
+        planned.attention = AUTO
+    return compiled_by(resolve(planned, hf_config, PLANNED_BACKEND), "cpu")
 
 
 def plan(
@@ -129,13 +146,16 @@ def plan(
     devices: Sequence[jax.Device],
     model_config: str | None = None,
     budget_bytes: int = 80 * 10**9,
+    target: str = HOST,
 ) -> dict[str, Any]:
-    """Compiles the train step of `cfg` for a mesh over `devices` and returns its memory plan."""
+    """Compiles the train step of `cfg` for a mesh over `devices` (fake CPU devices, or the
+    compile-only devices of a deviceless `target`) and returns its memory plan."""
     if model_config:
         hf_config, source = read_model_config(Path(model_config)), model_config
     else:
         hf_config, source = model_architecture(cfg.model_name_or_path, cfg.model_revision or None)
-    run = make_plan(cfg, devices, hf_config, execution=execution(cfg, hf_config), report=True)
+    planned = execution(cfg, hf_config, target)
+    run = make_plan(cfg, devices, hf_config, execution=planned, report=True)
     mesh, params = run.mesh, run.params
     dp, micro_pairs = run.data_parallel, run.batch.micro_pairs
     # A constant learning rate, as planned so far: no schedule count in the Adam state (4 bytes).
@@ -145,7 +165,13 @@ def plan(
     shardings = jax.tree.map(lambda x: x.sharding, state)
     objective = Objective(1, cfg.use_margin, cfg.center_rewards_coefficient)
     step = make_train_step(
-        run.graphdef, optimizer, mesh, shardings, objective, packed=run.pack is not None
+        run.graphdef,
+        optimizer,
+        mesh,
+        shardings,
+        objective,
+        packed=run.pack is not None,
+        shared_prefix=run.pack is not None and run.pack.share_prefix,
     )
     replicated_sharding = NamedSharding(mesh, PartitionSpec())
     scalar = struct((), jnp.float32, replicated_sharding)
@@ -182,7 +208,8 @@ def plan(
         "parameters": parameters,
         "devices": mesh.size,
         "mesh": dict(mesh.shape),
-        "analysis": ANALYSIS,
+        "analysis": ANALYSIS if target == HOST else target_named(target).analysis,
+        "target": target,
         "dtype": run.execution.dtype,
         "param_dtype": cfg.param_dtype,
         "attention": run.execution.attention,
@@ -239,14 +266,23 @@ def report_lines(result: dict[str, Any], config_file: str) -> list[str]:
             f"{gib[4]:>8.2f} GiB{p['peak'] / GIB:>8.2f} GiB{p['compile_seconds']:>9.1f}s"
         )
     verdict = "fits" if result["fits"] else "does NOT fit"
+    if result.get("target", HOST) == HOST:
+        note = (
+            f"note: {result['analysis']} keeps more in float32 than the GPU/TPU compilers, so this "
+            "over-estimates their temporaries"
+        )
+    else:
+        note = (
+            f"note: {result['analysis']}: compiled without autotuning (default kernel configs), "
+            "so the memory is the target's but no speed is implied"
+        )
     lines += [
         "(peak = arguments + outputs + temporaries - aliased + resident: the Adam state that "
         "waits on the devices while micro-batches accumulate)",
         f"per device: {result['per_device_bytes'] / GIB:.2f} GiB, {verdict} in "
         f"{result['budget_bytes'] / 1e9:g} GB; compiled in {result['compile_seconds']:.1f}s",
-        f"note: {result['analysis']} keeps more in float32 than the GPU/TPU compilers, so this "
-        "over-estimates their temporaries; JAX takes 75% of a GPU's memory unless "
-        "XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise",
+        f"{note}; JAX takes 75% of a GPU's memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says "
+        "otherwise",
     ]
     return lines
 
@@ -266,6 +302,13 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--remat_policy", help="none, full, dots, ... (jaxrm.models.remat)")
     parser.add_argument("--model_config", help="a config.json to plan instead of the model's")
     parser.add_argument("--memory_gb", type=float, default=80.0, help="memory per device, GB")
+    parser.add_argument(
+        "--target",
+        choices=(HOST, *TARGETS),
+        default=HOST,
+        help="cpu: fake CPU devices (XLA:CPU); h100: XLA:GPU, v5e/v5p/v6e: XLA:TPU, without "
+        "the accelerator (scripts/deviceless_plugin.sh cuda|tpu)",
+    )
     parser.add_argument(
         "--largest",
         action="store_true",
@@ -340,16 +383,20 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
     args, overrides = parse_args(argv)
     setup_logging()
     cfg = get_config(config_argv(args, overrides))
-    devices = jax.devices()
     if args.devices < 1:
         raise UserError(f"--devices must be >= 1, got {args.devices}")
-    if len(devices) < args.devices:
-        raise UserError(
-            f"--devices {args.devices}: this process has {len(devices)} devices; run "
-            "scripts/memory_plan.py, which makes N fake CPU devices"
-        )
-    devices, budget = devices[: args.devices], int(args.memory_gb * 1e9)
-    result = plan(cfg, devices, args.model_config, budget)
+    if args.target == HOST:
+        devices = jax.devices()
+        if len(devices) < args.devices:
+            raise UserError(
+                f"--devices {args.devices}: this process has {len(devices)} devices; run "
+                "scripts/memory_plan.py, which makes N fake CPU devices"
+            )
+        devices = devices[: args.devices]
+    else:
+        devices = target_devices(args.target, args.devices)
+    budget = int(args.memory_gb * 1e9)
+    result = plan(cfg, devices, args.model_config, budget, args.target)
     for line in report_lines(result, args.config):
         print(line, flush=True)
     if args.largest:
@@ -362,7 +409,8 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
             sized[key] = n
             if key == "per_device_train_batch_size":
                 sized.total_train_batch_size = 0  # pairs per step follow the micro-batch
-            peak = plan(sized, devices, args.model_config, budget)["per_device_bytes"]
+            peak = plan(sized, devices, args.model_config, budget, args.target)
+            peak = peak["per_device_bytes"]
             print(f"  {key}={n}: {peak / GIB:.2f} GiB", flush=True)
             return peak
 

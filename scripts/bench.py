@@ -17,6 +17,9 @@ Sides:
 - `reference`: open-instruct's way in PyTorch: transformers LlamaForSequenceClassification (sdpa),
   chosen + rejected padded to the longest row of the step, one forward, -logsigmoid loss,
   clip 1.0, AdamW (eps 1e-5, wd 0.01); float32 on CPU, bf16 autocast on GPU.
+- `reference_flex` (only when named; a GPU's: FlexAttention has no backward on CPU): the same
+  model and optimizer in PyTorch on jaxrm's packed, prefix-shared rows, with flex_attention and the
+  same tree mask: what PyTorch makes of the packing. If it fails, it is reported and left out.
 
 Each side runs the steps once to warm up (every compiled shape of jaxrm's steps) and is then timed
 over `--timed_epochs` passes over the pairs. Non-pad tokens are the tokens of the chosen plus the
@@ -53,6 +56,7 @@ PRESETS = {
 }  # fmt: skip
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
 SIDES = ("jaxrm", "jaxrm_padded", "reference")
+OPTIONAL_SIDES = ("reference_flex",)  # run only when --sides names them
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,8 +143,6 @@ def run_jaxrm(args, workdir: Path, pairs: list, layout: str) -> dict:
     from jaxrm.backends import resolve_execution
     from jaxrm.data.batch import to_global
     from jaxrm.data.loader import length_buckets
-    from jaxrm.data.packing import PackSpec, pack, row_shape
-    from jaxrm.data.pairs import Pairs, Ragged
     from jaxrm.dtypes import BY_NAME
     from jaxrm.hf import load_reward_model
     from jaxrm.objective import Objective
@@ -153,24 +155,13 @@ def run_jaxrm(args, workdir: Path, pairs: list, layout: str) -> dict:
     mesh = make_mesh(1, -1, 1)
     dp = data_parallel_size(mesh)
     model, _, _ = load_reward_model(
-        str(workdir / "model"), mesh, dtype=BY_NAME[run.dtype], attention=run.attention,
+        str(workdir / "model"), mesh, dtype=BY_NAME[run.dtype], attention=run.kernels,
         remat_policy=args.remat,
     )  # fmt: skip
-    data = Pairs(
-        Ragged.from_lists([c for c, _ in pairs]),
-        Ragged.from_lists([r for _, r in pairs]),
-        np.zeros(len(pairs), np.float32),
-        np.zeros(len(pairs), np.int32),
-        0,
-    )
+    data = pairs_data(pairs)
     steps = steps_of(list(range(len(pairs))), args.pairs_per_step)
     if layout == "packed":
-        length, rows = row_shape(args.max_length, 0, args.pack_rows)
-        spec = PackSpec(length, rows, dp, args.pairs_per_step, True)
-        host = [
-            {"micro_batches": pack(data, np.array(ids), spec), "pairs": len(ids)} for ids in steps
-        ]
-        computed = [len(b["micro_batches"]) * spec.micro_rows * length for b in host]
+        host, computed = packed_steps(args, data, steps, dp)
     else:
         buckets = length_buckets(args.max_length)
         host = [padded_batch(data, ids, buckets) for ids in steps]
@@ -217,6 +208,29 @@ def run_jaxrm(args, workdir: Path, pairs: list, layout: str) -> dict:
         "device_peak_bytes": device_peak(jax.devices()[0]),
         "device": jax.devices()[0].device_kind,
     }
+
+
+def pairs_data(pairs: list):
+    """The pairs as jaxrm's `Pairs` (no margins)."""
+    from jaxrm.data.pairs import Pairs, Ragged
+
+    return Pairs(
+        Ragged.from_lists([c for c, _ in pairs]),
+        Ragged.from_lists([r for _, r in pairs]),
+        np.zeros(len(pairs), np.float32),
+        np.zeros(len(pairs), np.int32),
+        0,
+    )
+
+
+def packed_steps(args, data, steps: list, dp: int) -> tuple[list[dict], list[int]]:
+    """jaxrm's packed steps (prefix-shared rows, the default layout), tokens computed by each."""
+    from jaxrm.data.packing import PackSpec, pack, row_shape
+
+    length, rows = row_shape(args.max_length, 0, args.pack_rows)
+    spec = PackSpec(length, rows, dp, args.pairs_per_step, True)
+    host = [{"micro_batches": pack(data, np.array(ids), spec), "pairs": len(ids)} for ids in steps]
+    return host, [len(b["micro_batches"]) * spec.micro_rows * length for b in host]
 
 
 def padded_batch(data, ids, buckets) -> dict:
@@ -280,14 +294,97 @@ def run_reference(args, workdir: Path, pairs: list) -> dict:
     started = time.perf_counter()
     computed = sum(run_step(s) for _ in range(args.timed_epochs) for s in steps)
     seconds = time.perf_counter() - started
+    layout = "padded to the step's longest row"
+    return torch_result("sdpa", layout, seconds, len(steps) * args.timed_epochs, 0.0, computed)
+
+
+def tree_mask_mod(seg, branch):
+    """flex_attention's mask_mod of jaxrm's tree mask (jaxrm/models/attention/mask.py) over torch
+    segment and branch ids [B, T]; a padding query reads only itself (no empty row)."""
+
+    def tree(b, h, q, kv):
+        same = (seg[b, q] == seg[b, kv]) & (seg[b, q] > 0) & (kv <= q)
+        shared = (branch[b, kv] == 0) | (branch[b, kv] == branch[b, q])
+        return (same & shared) | ((seg[b, q] == 0) & (q == kv))
+
+    return tree
+
+
+def run_reference_flex(args, workdir: Path, pairs: list) -> dict:
+    """The reference model and optimizer on jaxrm's packed, prefix-shared rows: PyTorch
+    flex_attention with the same tree mask (a BlockMask from segment and branch ids; a padding
+    query reads only itself), rewards gathered at the pairs' last tokens."""
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask
+    from transformers import AutoModelForSequenceClassification
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    model = AutoModelForSequenceClassification.from_pretrained(
+        workdir / "model", num_labels=1, dtype=torch.float32, attn_implementation="flex_attention"
+    ).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, eps=1e-5, weight_decay=0.01)
+    steps = steps_of(list(range(len(pairs))), args.pairs_per_step)
+    host, computed = packed_steps(args, pairs_data(pairs), steps, 1)
+
+    def rewards(micro: dict) -> tuple:
+        t = {k: torch.as_tensor(v, device=device) for k, v in micro.items()}
+        rows, length = t["segment_ids"].shape
+        tree = tree_mask_mod(t["segment_ids"], t["branch_ids"])
+        block_mask = create_block_mask(tree, rows, None, length, length, device=device)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+            hidden = model.model(
+                input_ids=t["input_ids"].long(),
+                attention_mask=block_mask,
+                position_ids=t["positions"].long(),
+            ).last_hidden_state
+            scores = model.score(hidden).float().reshape(-1)
+        real = t["weight"][0] > 0
+        chosen, rejected = (t[f"{k}_index"][0][real].long() for k in ("chosen", "rejected"))
+        return scores[chosen], scores[rejected]
+
+    def run_step(step: dict) -> None:
+        for micro in step["micro_batches"]:
+            chosen, rejected = rewards(micro)
+            loss = -torch.nn.functional.logsigmoid(chosen - rejected).sum() / step["pairs"]
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+
+    started = time.perf_counter()
+    run_step(host[0])  # warm-up: flex_attention's compile, allocator
+    warmup_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(args.timed_epochs):
+        for step in host:
+            run_step(step)
+    seconds = time.perf_counter() - started
+    count = len(host) * args.timed_epochs
+    compile_seconds = max(0.0, warmup_seconds - seconds / count)
+    tokens = int(sum(computed)) * args.timed_epochs
+    return torch_result(
+        "flex_attention (tree mask)", "packed", seconds, count, compile_seconds, tokens
+    )
+
+
+def torch_result(
+    attention: str, layout: str, seconds: float, steps: int, compile_seconds: float, tokens: int
+) -> dict:
+    """A PyTorch side's figures (bf16 autocast on a GPU, float32 on CPU)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
     return {
-        "attention": "sdpa",
+        "attention": attention,
         "dtype": "bfloat16 autocast" if cuda else "float32",
-        "layout": "padded to the step's longest row",
+        "layout": layout,
         "seconds": seconds,
-        "steps": len(steps) * args.timed_epochs,
-        "compile_seconds": 0.0,
-        "tokens_computed": computed,
+        "steps": steps,
+        "compile_seconds": compile_seconds,
+        "tokens_computed": tokens,
         "device_peak_bytes": int(torch.cuda.max_memory_allocated()) if cuda else None,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
     }
@@ -298,6 +395,8 @@ def run_side(args) -> None:
     pairs = json.loads((workdir / "pairs.json").read_text())
     if args.side == "reference":
         result = run_reference(args, workdir, pairs)
+    elif args.side == "reference_flex":
+        result = run_reference_flex(args, workdir, pairs)
     else:
         layout = "packed" if args.side == "jaxrm" else "padded"
         result = run_jaxrm(args, workdir, pairs, layout)
@@ -394,21 +493,30 @@ def main() -> None:
     if args.write_inputs:
         return write_inputs(Path(args.write_inputs), args)
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    if unknown := set(sides) - set(SIDES + OPTIONAL_SIDES):
+        parser.error(f"--sides: unknown {', '.join(sorted(unknown))}")
     with tempfile.TemporaryDirectory(prefix="jaxrm-bench-") as tmp:
         workdir = Path(tmp)
         pairs = make_pairs(args.pairs, args.vocab, args.max_length, args.seed)
         (workdir / "pairs.json").write_text(json.dumps([[list(map(int, c)), list(map(int, r))]
                                                          for c, r in pairs]))  # fmt: skip
         save_model(workdir / "model", args)
-        results = {}
+        results, failed = {}, {}
         for side in sides:
             result_file = workdir / f"{side}.json"
             command = [sys.executable, __file__, *sys.argv[1:], "--side", side,
                        "--workdir", str(workdir), "--result", str(result_file)]  # fmt: skip
             print(f"running {side} ...", file=sys.stderr, flush=True)
-            subprocess.run(command, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            done = subprocess.run(command, check=side not in OPTIONAL_SIDES, env=env)
+            if done.returncode:  # an optional side that failed: reported, left out
+                print(f"{side} failed (exit {done.returncode}); left out", file=sys.stderr)
+                failed[side] = done.returncode
+                continue
             results[side] = json.loads(result_file.read_text())
     summary = summarize(args, pairs, results)
+    summary["failed_sides"] = failed
+    sides = [s for s in sides if s in results]
     print_table(summary, sides)
     if args.output:
         Path(args.output).write_text(json.dumps(summary, indent=1) + "\n")

@@ -1,14 +1,22 @@
-"""Packed-row attention alone: jaxrm's `flash` kernel against XLA with the full T x T mask.
+"""Attention alone: every implementation the table holds for this backend, per mask kind, forward +
+backward on chat-like rows, timed, with TFLOP/s over the live (allowed) query-key pairs only.
 
     .venv/bin/python scripts/bench_attention.py                    # 8 heads / 4 kv, dim 64, 2048
     .venv/bin/python scripts/bench_attention.py --length 4096 --rows 2
+    python scripts/bench_attention.py --length 8192 --heads 32 --kv_heads 8 --head_dim 128 \\
+        --dtype bfloat16 --kinds tree,causal        # Llama-3.1-8B's heads on a GPU
 
-Rows of `--length` tokens are filled in order with prompt-shared pair groups (prompt, chosen rest,
-rejected rest, as training packs them) of log-normal lengths like those of `scripts/bench.py`;
-both implementations get the same q, k, v and ids. Timed: forward + backward of
-`sum(out * cotangent)` with respect to q, k, v, after a warm-up call, median of `--repeats`.
-Also printed: XLA's temporary bytes of each compiled program and the share of causal (query
-block, key block) pairs the kernel visits. Last line: one JSON object.
+Rows of `--length` tokens (scripts/attention_inputs.py): for `tree` and `segments`, filled in
+order with the pairs of a Tulu-like length mix (log-normal prompt ~70, responses ~130 tokens), with
+and without prefix sharing; for `causal`, one real sequence filling each row (dense causal: the
+yardstick a packed kernel's live-pair rate is compared with). Every implementation of
+`--implementations` (default: all that `KERNELS[kind]` holds and the backends table lets run here)
+gets the same q, k, v and mask. Timed: forward + backward of `sum(out * cotangent)` with respect to
+q, k, v, after a warm-up call, median of `--repeats`. FLOPs counted: 12 * live pairs * heads *
+head_dim (forward q.k and p.v, backward dq, dk, dv and dp: 6 matmuls of 2 FLOPs per multiply-add;
+no recomputation counted), where live pairs are the (real query, allowed key) pairs of the mask:
+the work any kernel must do, whatever it skips or wastes. Also printed: XLA's temporary bytes of
+each compiled program. Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -20,97 +28,93 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from attention_inputs import (
+    MASK_KINDS,
+    add_shape_arguments,
+    chat_rows,
+    implementations,
+    live_pairs,
+    make_mask,
+    random_inputs,
+)
 
 from jaxrm.data import packing
-from jaxrm.models.attention import DEFAULT_BLOCK, Mask, attend
-from jaxrm.models.attention.flash import live_blocks
+from jaxrm.models.attention import Logits, attend
+
+FLOPS_PER_PAIR_HEAD_DIM = 12
 
 
-def packed_ids(rows: int, length: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """segment_ids and branch_ids of `rows` rows filled with chat-like prefix-shared pairs."""
-    rng = np.random.default_rng(seed)
-    segment_ids = np.zeros((rows, length), np.int32)
-    branch_ids = np.zeros((rows, length), np.int32)
-    for row in range(rows):
-        start, segment = 0, 1
-        while True:
-            prompt, chosen, rejected = np.exp(rng.normal(np.log([70, 130, 130]), 0.8)).astype(int)
-            size = prompt + chosen + rejected + 4
-            if start + size > length:
-                break
-            end = start + size
-            segment_ids[row, start:end] = segment
-            branch_ids[row, start + prompt : start + prompt + chosen + 2] = 1
-            branch_ids[row, start + prompt + chosen + 2 : end] = 2
-            start, segment = end, segment + 1
-    return segment_ids, branch_ids
+def time_fwd_bwd(implementation: str, inputs, mask, repeats: int) -> tuple[float, int]:
+    q, k, v, cotangent = inputs
+    logits = Logits(q.shape[-1] ** -0.5)
 
-
-def time_fwd_bwd(implementation: str, inputs, repeats: int) -> tuple[float, int]:
-    q, k, v, segment_ids, branch_ids, cotangent = inputs
-
-    def loss(q, k, v):
-        out = attend(q, k, v, Mask(segment_ids, branch_ids), implementation)
+    def loss(q, k, v, cotangent, mask):
+        out = attend(q, k, v, mask, implementation, logits)
         return jnp.sum(out.astype(jnp.float32) * cotangent)
 
     step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    compiled = step.lower(q, k, v).compile()
+    compiled = step.lower(q, k, v, cotangent, mask).compile()
     temporaries = compiled.memory_analysis().temp_size_in_bytes
-    jax.block_until_ready(step(q, k, v))
+    jax.block_until_ready(compiled(q, k, v, cotangent, mask))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(step(q, k, v))
+        jax.block_until_ready(compiled(q, k, v, cotangent, mask))
         times.append(time.perf_counter() - start)
     return statistics.median(times), int(temporaries)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=1)
-    parser.add_argument("--length", type=int, default=2048)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv_heads", type=int, default=4)
-    parser.add_argument("--head_dim", type=int, default=64)
+    add_shape_arguments(parser, rows=1, length=2048, heads=8, kv_heads=4, dim=64)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--kinds", default="tree", help=f"comma-separated of {MASK_KINDS}")
+    parser.add_argument("--implementations", default="", help="comma-separated; default: all")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", help="also write the JSON here")
     args = parser.parse_args()
     if args.length % packing.ROW_MULTIPLE:
         parser.error(f"--length must be a multiple of {packing.ROW_MULTIPLE}")
+    kinds = [k for k in args.kinds.split(",") if k]
+    if unknown := set(kinds) - set(MASK_KINDS):
+        parser.error(f"--kinds: unknown {', '.join(sorted(unknown))}")
 
-    segment_ids, branch_ids = packed_ids(args.rows, args.length, args.seed)
-    keys = jax.random.split(jax.random.key(args.seed), 4)
-    dtype = jnp.dtype(args.dtype)
-    shape_q = (args.rows, args.length, args.heads, args.head_dim)
-    shape_kv = (args.rows, args.length, args.kv_heads, args.head_dim)
-    inputs = (
-        jax.random.normal(keys[0], shape_q, dtype),
-        jax.random.normal(keys[1], shape_kv, dtype),
-        jax.random.normal(keys[2], shape_kv, dtype),
-        jnp.asarray(segment_ids),
-        jnp.asarray(branch_ids),
-        jax.random.normal(keys[3], shape_q, jnp.float32),
-    )
-    _, live = live_blocks(jnp.asarray(segment_ids), jnp.asarray(branch_ids), DEFAULT_BLOCK)
-    n = args.length // DEFAULT_BLOCK
-    causal_blocks = args.rows * n * (n + 1) // 2
-    real = float(np.mean(segment_ids > 0))
-
+    backend = jax.default_backend()
+    inputs = random_inputs(args, jnp.dtype(args.dtype))
     result = {"rows": args.rows, "length": args.length, "heads": args.heads,
               "kv_heads": args.kv_heads, "head_dim": args.head_dim, "dtype": args.dtype,
-              "device": jax.devices()[0].device_kind, "real_token_share": round(real, 3),
-              "live_block_share": round(int(live) / causal_blocks, 3)}  # fmt: skip
-    for implementation in ("flash", "xla"):
-        seconds, temporaries = time_fwd_bwd(implementation, inputs, args.repeats)
-        result[f"{implementation}_fwd_bwd_ms"] = round(seconds * 1e3, 1)
-        result[f"{implementation}_temp_bytes"] = temporaries
-        print(f"{implementation:6s} fwd+bwd {seconds * 1e3:8.1f} ms, temporaries "
-              f"{temporaries / 2**20:8.1f} MiB")  # fmt: skip
-    result["xla_vs_flash_time"] = round(result["xla_fwd_bwd_ms"] / result["flash_fwd_bwd_ms"], 2)
-    print(f"live blocks: {result['live_block_share']:.0%} of the causal block pairs; "
-          f"real tokens: {real:.0%}")  # fmt: skip
+              "backend": backend, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+              "flops_per_pair_head_dim": FLOPS_PER_PAIR_HEAD_DIM, "runs": []}  # fmt: skip
+    for kind in kinds:
+        ids = chat_rows(kind, args.rows, args.length, args.seed)
+        if kind == "causal":  # dense causal: real tokens fill every row
+            ids["lengths"][:] = args.length
+        mask = make_mask(kind, ids)
+        pairs = live_pairs(kind, ids, args.length)
+        causal_pairs = args.rows * args.length * (args.length + 1) // 2
+        names = implementations(kind, backend, args.dtype, args.head_dim)
+        if args.implementations:
+            names = [n for n in args.implementations.split(",") if n in names]
+        for implementation in names:
+            seconds, temporaries = time_fwd_bwd(implementation, inputs, mask, args.repeats)
+            flops = FLOPS_PER_PAIR_HEAD_DIM * pairs * args.heads * args.head_dim
+            run = {
+                "kind": kind,
+                "implementation": implementation,
+                "fwd_bwd_ms": round(seconds * 1e3, 3),
+                "live_pairs": pairs,
+                "live_pair_share_of_causal": round(pairs / causal_pairs, 4),
+                "tflops_per_s": round(flops / seconds / 1e12, 4),
+                "temp_bytes": temporaries,
+            }
+            result["runs"].append(run)
+            share = pairs / causal_pairs
+            print(f"{kind:9s}{implementation:8s} fwd+bwd {seconds * 1e3:9.2f} ms "
+                  f"{run['tflops_per_s']:8.3f} TFLOP/s (live pairs: {share:.0%} of causal), "
+                  f"temporaries {temporaries / 2**20:8.1f} MiB", flush=True)  # fmt: skip
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=1)
     print(json.dumps(result))
 
 

@@ -29,7 +29,7 @@ LLAMA_8B_HEAD_DIM = 128
         ("gpu", TINY_HEAD_DIM, ("bfloat16", "cudnn")),
         ("gpu", LLAMA_8B_HEAD_DIM, ("bfloat16", "cudnn")),
         ("gpu", None, ("bfloat16", "cudnn")),
-        ("tpu", LLAMA_8B_HEAD_DIM, ("bfloat16", "flash")),
+        ("tpu", LLAMA_8B_HEAD_DIM, ("bfloat16", "splash")),
         ("METAL", LLAMA_8B_HEAD_DIM, ("float32", "flash")),  # a backend the table does not name
     ],
 )
@@ -129,23 +129,22 @@ def test_train_rejects_cudnn_on_cpu_in_one_line(tmp_path):
     assert_one_line_error(result, "config key 'attention'", "needs a gpu backend, not cpu")
 
 
-@pytest.mark.parametrize("family", ["gemma2", "mistral"])
-def test_auto_on_gpu_skips_cudnn_for_a_soft_cap_or_a_window(family):
-    """Gemma 2 (soft-capped logits, windows) and Mistral (a window): cuDNN's fused attention
-    takes neither, so `auto` picks flash on a GPU, and `cudnn` set is one line."""
-    from jaxrm.backends import model_attention
+@pytest.mark.parametrize(
+    "family, softcap, window",
+    [("gemma2", True, True), ("mistral", False, True), ("olmo2", False, False)],
+)
+def test_the_attention_choice_reads_the_familys_soft_cap_and_window(family, softcap, window):
+    """Gemma 2's soft-capped logits and windows, Mistral's window, as their config.json says:
+    cuDNN takes no soft-cap, so `auto` skips it for Gemma 2 on a GPU and `cudnn` set is one line."""
+    from jaxrm.models.attention.table import Features
     from jaxrm.models.families import model_config_from_hf
+    from jaxrm.plan import resolve_for
     from tests.hf_reference import tiny_config
 
-    config = model_config_from_hf(tiny_config(family, head_dim=64).to_dict())
-    assert not config.plain_attention
-    needs = model_attention(config)
-    run = resolve_execution("bfloat16", "auto", "gpu", layout="padded", **needs)
-    assert run.attention == "flash" and "soft-capped logits or sliding windows" in run.reason
-    with pytest.raises(UserError, match="cudnn attention takes no soft-capped logits"):
-        resolve_execution("bfloat16", "cudnn", "gpu", layout="padded", **needs)
-    plain = model_attention(model_config_from_hf(tiny_config("olmo2", head_dim=64).to_dict()))
-    assert (
-        plain["plain"]
-        and resolve_execution("bfloat16", "auto", "gpu", **plain).attention == "cudnn"
-    )
+    hf = tiny_config(family, head_dim=64).to_dict()
+    assert Features.of(model_config_from_hf(hf)) == (softcap, window)
+    run = resolve_for(hf, "bfloat16", "auto", "gpu", "padded")
+    assert (run.attention == "cudnn") is not softcap
+    if softcap:
+        with pytest.raises(UserError, match="cudnn"):
+            resolve_for(hf, "bfloat16", "cudnn", "gpu", "padded")

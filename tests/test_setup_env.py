@@ -167,19 +167,24 @@ def test_setup_installs_the_accelerator_extra_and_rebuilds_on_a_change(checkout)
     first = setup(repo, env, "test", JAXRM_ACCELERATOR="cuda")
     assert first.returncode == 0, first.stderr
     assert "jaxrm setup: accelerator cuda (JAXRM_ACCELERATOR=cuda)" in first.stderr
-    assert installs(repo) == [".[test,cuda]"]
-    assert (repo / ".venv" / ".jaxrm-accelerator").read_text().strip() == "cuda"
+    assert installs(repo) == [".[test,cuda12]"]
+    assert (repo / ".venv" / ".jaxrm-accelerator").read_text().strip() == "cuda12"
     stamps = [p.name for p in (repo / ".venv").glob(".jaxrm-installed-*")]
-    assert len(stamps) == 1 and stamps[0].startswith(".jaxrm-installed-cuda-test-")
+    assert len(stamps) == 1 and stamps[0].startswith(".jaxrm-installed-cuda12-test-")
     assert "-c scripts/constraints.txt" in (repo / ".venv" / "pip.log").read_text()
 
     again = setup(repo, env, "test", JAXRM_ACCELERATOR="cuda")
-    assert again.returncode == 0 and installs(repo) == [".[test,cuda]"]  # nothing to do
+    assert again.returncode == 0 and installs(repo) == [".[test,cuda12]"]  # nothing to do
+
+    cuda13 = setup(repo, env, "test", JAXRM_ACCELERATOR="cuda", JAXRM_CUDA="13")
+    assert cuda13.returncode == 0, cuda13.stderr
+    assert ".venv was built for cuda12; rebuilding it for cuda13" in cuda13.stderr
+    assert installs(repo) == [".[test,cuda13]"]
 
     switched = setup(repo, env, "test")  # the fake host has no accelerator: cpu
     assert switched.returncode == 0, switched.stderr
     assert "accelerator cpu (no NVIDIA driver and no TPU found)" in switched.stderr
-    assert ".venv was built for cuda; rebuilding it for cpu" in switched.stderr
+    assert ".venv was built for cuda13; rebuilding it for cpu" in switched.stderr
     assert installs(repo) == [".[test]"]  # a fresh venv: nothing of the cuda install is left
     assert (repo / ".venv" / ".jaxrm-accelerator").read_text().strip() == "cpu"
 
@@ -203,4 +208,14 @@ def test_setup_rejects_an_unknown_accelerator_and_keeps_the_venv(checkout):
     assert setup(repo, env, JAXRM_ACCELERATOR="cuda").returncode == 0
     result = setup(repo, env, JAXRM_ACCELERATOR="rocm")
     assert_one_line_error(result, "JAXRM_ACCELERATOR must be one of cpu, cuda, tpu", "'rocm'")
-    assert installs(repo) == [".[cuda]"]
+    result = setup(repo, env, JAXRM_ACCELERATOR="cuda", JAXRM_CUDA="11")
+    assert_one_line_error(result, "JAXRM_CUDA must be 12 or 13", "'11'")
+    assert installs(repo) == [".[cuda12]"]
+
+
+def test_setup_keeps_a_venv_marked_cuda_from_before_cuda13(checkout):
+    repo, env = checkout
+    assert setup(repo, env, JAXRM_ACCELERATOR="cuda").returncode == 0
+    (repo / ".venv" / ".jaxrm-accelerator").write_text("cuda\n")  # as marked before CUDA 13
+    kept = setup(repo, env, JAXRM_ACCELERATOR="cuda")
+    assert kept.returncode == 0 and "rebuilding" not in kept.stderr

@@ -37,12 +37,13 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxrm.models.attention import (
-    ATTENTION_IMPLEMENTATIONS,
     DEFAULT_BLOCK,
     NO_WINDOW,
+    Choice,
     Logits,
     Mask,
     attend,
+    check_model_attention,
     prepare_mask,
 )
 from jaxrm.models.remat import REMAT_POLICIES
@@ -103,14 +104,13 @@ class DecoderConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat_policy: str = "none"
-    attention: str = "xla"
+    attention: str | Choice = "xla"  # one implementation, or one per mask kind
     attention_block_size: int = DEFAULT_BLOCK
 
     def __post_init__(self) -> None:
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}")
-        if self.attention not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}")
+        check_model_attention(self.attention)
         for name, value, allowed in (
             ("norm", self.norm, NORMS),
             ("qk_norm", self.qk_norm, QK_NORMS),
@@ -131,11 +131,6 @@ class DecoderConfig:
     def logits(self) -> Logits:
         scalar = self.query_pre_attn_scalar or self.head_dim
         return Logits(float(scalar) ** -0.5, self.attn_softcap)
-
-    @property
-    def plain_attention(self) -> bool:
-        """No soft-cap and no window: what fused kernels without them (cuDNN's) can run."""
-        return self.attn_softcap is None and not self.windowed
 
     @property
     def windowed(self) -> bool:
@@ -234,10 +229,8 @@ class Attention(nnx.Module):
         k = constrain(k, KV_NAMES)
         v = constrain(v, KV_NAMES)
         block = math.gcd(q.shape[1], c.attention_block_size)
-        mesh, specs = None, None
-        if mask.kind != "causal":
-            rows = mask.segment_ids
-            mesh, specs = activation_specs((Q_NAMES, KV_NAMES, ROW_NAMES), (q, k, rows))
+        rows = mask.token_positions(q.shape[:2])  # per device kernels split rows like q
+        mesh, specs = activation_specs((Q_NAMES, KV_NAMES, ROW_NAMES), (q, k, rows))
         out = attend(q, k, v, mask, c.attention, c.logits, block=block, mesh=mesh, specs=specs)
         y = jnp.einsum("btnh,nhd->btd", out, self.o_kernel.value.astype(c.dtype))
         if c.o_bias:

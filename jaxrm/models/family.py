@@ -20,8 +20,7 @@ class ModelConfig(Protocol):
     hidden_size: int
     num_hidden_layers: int
     head_dim: int
-    attention: str
-    plain_attention: bool  # no soft-capped logits and no sliding window (what cuDNN's takes)
+    attention: Any  # an implementation name, or a `jaxrm.models.attention.Choice` per mask kind
 
     def replace(self, **changes: Any) -> ModelConfig: ...
 

@@ -1,0 +1,160 @@
+"""Compile for accelerators this host does not have: XLA:GPU or XLA:TPU, run on the CPU.
+
+GPU: JAX's CUDA plugin compiles without a GPU: `jax.experimental.topologies.get_topology_desc(
+platform="cuda", target_config=SPEC, topology="1x1xN")` gives N compile-only devices described by a
+`GpuTargetConfigProto` text (openxla's `h100_sxm.txtpb`, shipped in `jaxrm/assets/targets/`), and
+`jit(...).lower(...).compile()` for a mesh of them runs XLA:GPU's whole pipeline (fusion, Triton
+and cuBLAS GEMMs, cuDNN custom calls, buffer assignment) and ptxas. No autotuning runs and no
+kernel is launched, so memory and program structure are the target's but speed is not measured.
+
+TPU: libtpu compiles without a TPU too: `get_topology_desc(platform="tpu",
+topology_name="v5e:4x4")` gives the slice's compile-only devices (libtpu warns that it found no
+TPU accelerator type or worker hostnames; compiling needs neither).
+
+The plugins live BESIDE the virtual environment, in `.cuda-plugin/` and `.tpu-plugin/` (made by
+`scripts/deviceless_plugin.sh cuda|tpu`; `JAXRM_CUDA_PLUGIN` / `JAXRM_TPU_PLUGIN` name other
+folders), never in it: the CPU .venv stays the CPU build. `use_plugin()` must run before JAX is
+imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from jaxrm.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+TARGETS_DIR = Path(__file__).resolve().parent / "assets" / "targets"
+
+
+@dataclasses.dataclass(frozen=True)
+class Plugin:
+    variable: str  # the environment variable naming another folder
+    folder: str  # default folder, in the repository
+    marker: str  # what the folder's site/ holds once installed
+    wheels: str  # for the error message
+
+
+PLUGINS = {
+    "cuda": Plugin("JAXRM_CUDA_PLUGIN", ".cuda-plugin", "jax_plugins",
+                   "jax-cuda12-plugin, jax-cuda12-pjrt and nvidia-cuda-nvcc-cu12, ~570 MB"),
+    "tpu": Plugin("JAXRM_TPU_PLUGIN", ".tpu-plugin", "libtpu", "libtpu, ~213 MB"),
+}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    plugin: str  # PLUGINS key
+    backend: str  # the backends-table row planned for it
+    analysis: str  # what the reports call the analysis
+    spec: str = ""  # GPU: the target spec file in TARGETS_DIR
+    topology_dims: int = 0  # TPU: dimensions of the slice's topology (v5e: 4x4, v5p: 2x2x4)
+
+
+TARGETS = {
+    "h100": Target("cuda", "gpu", "XLA:GPU (H100 target, deviceless)", spec="h100_sxm.txtpb"),
+    "v5e": Target("tpu", "tpu", "XLA:TPU (v5e target, deviceless)", topology_dims=2),
+    "v5p": Target("tpu", "tpu", "XLA:TPU (v5p target, deviceless)", topology_dims=3),
+    "v6e": Target("tpu", "tpu", "XLA:TPU (v6e target, deviceless)", topology_dims=2),
+}
+# openxla's spec says cuDNN 8.9.4 in `dnn_version_info`, older than the cuDNN 9 that JAX's CUDA
+# wheels install (scripts/constraints.txt); XLA reads it to choose cuDNN fusions. Planned as 9.8.
+DNN_VERSION = (9, 8, 0)
+# Fields of the spec that the 0.10.2 plugin's proto lacks (its parse fails on them): dropped.
+NEWER_FIELDS = ("collective_memory_granularity",)
+
+
+def target_named(name: str) -> Target:
+    if name not in TARGETS:
+        raise UserError(f"--target must be one of {', '.join(TARGETS)}, got {name!r}")
+    return TARGETS[name]
+
+
+def plugin_site(plugin: str) -> Path:
+    spec = PLUGINS[plugin]
+    return Path(os.environ.get(spec.variable, REPO / spec.folder)) / "site"
+
+
+def plugin_installed(plugin: str) -> bool:
+    return (plugin_site(plugin) / PLUGINS[plugin].marker).exists()
+
+
+def use_plugin(target: str) -> None:
+    """Puts the target's plugin (and nvcc, for CUDA) on this process's paths; before JAX loads."""
+    if "jax" in sys.modules:
+        raise RuntimeError("use_plugin() must run before JAX is imported")
+    plugin = target_named(target).plugin
+    site = plugin_site(plugin)
+    if not plugin_installed(plugin):
+        raise UserError(
+            f"no {plugin} plugin in {site.parent}: run scripts/deviceless_plugin.sh {plugin} "
+            f"first (it installs {PLUGINS[plugin].wheels} there)"
+        )
+    sys.path.insert(0, str(site))
+    os.environ["JAX_PLATFORMS"] = "cpu"  # the host's backend; the targets' devices compile only
+    if plugin == "tpu":
+        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no cloud metadata server to ask
+        return
+    nvcc = site / "nvidia" / "cuda_nvcc"
+    os.environ["PATH"] = f"{nvcc / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
+    flag = "--xla_gpu_cuda_data_dir"
+    others = re.sub(rf"{flag}=\S+", "", os.environ.get("XLA_FLAGS", ""))
+    os.environ["XLA_FLAGS"] = f"{others} {flag}={nvcc}".strip()
+    # the plugin's wheel pins of the CUDA libraries: none are installed (nothing runs on a GPU)
+    os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"
+
+
+def target_config(target: str) -> str:
+    """A GPU target's `GpuTargetConfigProto` text, with jaxrm's cuDNN version and without
+    `NEWER_FIELDS`."""
+    text = (TARGETS_DIR / target_named(target).spec).read_text()
+    major, minor, patch = DNN_VERSION
+    text = re.sub(
+        r"dnn_version_info \{[^}]*\}",
+        f"dnn_version_info {{\n  major: {major}\n  minor: {minor}\n  patch: {patch}\n}}",
+        text,
+    )
+    for field in NEWER_FIELDS:
+        text = re.sub(rf"^\s*{field}:.*\n", "", text, flags=re.MULTILINE)
+    return text
+
+
+def tpu_topology(count: int, dims: int) -> str:
+    """A slice's topology for `count` chips (a power of two, at least 4): the factors of two dealt
+    round the dimensions, e.g. 16 -> 4x4 (2D) or 2x2x4 (3D)."""
+    if count < 4 or count & (count - 1):
+        raise UserError(f"--devices must be a power of two >= 4 for a TPU target, got {count}")
+    sides = [1] * dims
+    for i in range(count.bit_length() - 1):
+        sides[i % dims] *= 2
+    return "x".join(map(str, sorted(sides)))
+
+
+def target_devices(target: str, count: int) -> list[Any]:
+    """`count` compile-only devices of `target` (after `use_plugin(target)`)."""
+    import jax._src.cudnn.fused_attention_stablehlo as cudnn_attention
+    from jax.experimental import topologies
+
+    if count < 1:
+        raise UserError(f"--devices must be >= 1, got {count}")
+    spec = target_named(target)
+    if spec.plugin == "tpu":
+        shape = tpu_topology(count, spec.topology_dims)
+        topology = topologies.get_topology_desc(platform="tpu", topology_name=f"{target}:{shape}")
+        return list(topology.devices)
+    # JAX asks the installed cuDNN library its version before it emits a cuDNN attention call;
+    # none is installed here, so it answers with the target's.
+    major, minor, patch = DNN_VERSION
+    cudnn_attention.check_cudnn_version = lambda: major * 10000 + minor * 100 + patch
+    topology = topologies.get_topology_desc(
+        platform="cuda",
+        topology_name=target,
+        target_config=target_config(target),
+        topology=f"1x1x{count}",
+    )
+    return list(topology.devices)

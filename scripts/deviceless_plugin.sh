@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs a JAX accelerator plugin BESIDE .venv (never into it) for compiles without the
+# accelerator (jaxrm/deviceless.py: `scripts/memory_plan.py --target h100|v5e|...`,
+# `scripts/attention_compile.py`). No GPU, TPU or driver is needed. Versions: scripts/constraints.txt
+# (the plugin must match .venv's jaxlib). Idempotent.
+#   cuda: jax-cuda12-plugin, jax-cuda12-pjrt and nvidia-cuda-nvcc-cu12 in .cuda-plugin/site
+#         (~223 MB of wheels, ~570 MB installed)
+#   tpu:  libtpu in .tpu-plugin/site (~213 MB of wheels)
+# Usage: scripts/deviceless_plugin.sh cuda|tpu   (JAXRM_CUDA_PLUGIN / JAXRM_TPU_PLUGIN: other folders)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+case "${1:-}" in
+  cuda) folder="${JAXRM_CUDA_PLUGIN:-.cuda-plugin}"
+        names=(jax-cuda12-plugin jax-cuda12-pjrt nvidia-cuda-nvcc-cu12) ;;
+  tpu) folder="${JAXRM_TPU_PLUGIN:-.tpu-plugin}"; names=(libtpu) ;;
+  *) echo "error: usage: scripts/deviceless_plugin.sh cuda|tpu" >&2; exit 2 ;;
+esac
+python=".venv/bin/python"
+if [ ! -x "$python" ]; then
+  echo "error: no .venv: run scripts/setup_env.sh first" >&2
+  exit 2
+fi
+pins=()
+for name in "${names[@]}"; do
+  pin="$(grep -i "^${name}==" scripts/constraints.txt || true)"
+  if [ -z "$pin" ]; then
+    echo "error: scripts/constraints.txt pins no ${name}" >&2
+    exit 2
+  fi
+  pins+=("$pin")
+done
+stamp="${folder}/.installed-$(printf '%s\n' "${pins[@]}" | sha1sum | cut -c1-12)"
+if [ -f "$stamp" ]; then exit 0; fi
+rm -rf "${folder}"
+mkdir -p "${folder}/wheels"
+"$python" -m pip download -q --no-deps --only-binary=:all: -d "${folder}/wheels" "${pins[@]}"
+"$python" -m pip install -q --no-deps --no-index --target "${folder}/site" "${folder}"/wheels/*.whl
+rm -rf "${folder}/wheels"
+touch "$stamp"
+echo "jaxrm: $1 plugin for deviceless compiles in ${folder}: ${pins[*]}" >&2
