@@ -27,19 +27,30 @@ from jaxrm.models.attention import (
     Choice,
     Features,
 )
-from jaxrm.models.attention.table import NO_FEATURES, choose
+from jaxrm.models.attention.table import NO_FEATURES, candidates_for, choose
 from jaxrm.models.families import model_config_from_hf
 
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
 
-# backend -> (compute dtype, attention implementations, fastest first). `flash` (jaxrm's blocked
-# kernel) skips masked and padded blocks and never forms T x T: on CPU it measured ~5x faster than
-# XLA's fwd+bwd (benchmarks/RESULTS.md). On accelerators its loop syncs with the host per block, so
-# the fused kernels come first: cuDNN on GPUs, splash on TPUs (neither measured against it yet).
-BACKEND_DEFAULTS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "gpu": ("bfloat16", ("cudnn", "pallas", "flash", "xla")),
+# backend -> (compute dtype, attention implementations fastest first: one order, or one per mask
+# kind). `flash` (jaxrm's blocked kernel) skips masked and padded blocks and never forms T x T: on
+# CPU it measured ~5x faster than XLA's fwd+bwd. On accelerators its loop syncs with the host per
+# block, so the fused kernels come first. Measured on one H100 (benchmarks/RESULTS.md, fwd+bwd at
+# T = 8192, Llama-3.1-8B heads, bf16): right-padded rows cuDNN 4.1 ms, pallas 8.8, flash 29.4;
+# packed rows with shared prompts pallas 1.8 ms, cuDNN (dense mask) 8.9, flash 17.9. TPU: splash
+# first (not measured against flash yet).
+_GPU_PACKED = ("pallas", "cudnn", "flash", "xla")
+BACKEND_DEFAULTS: dict[str, tuple[str, tuple[str, ...] | dict[str, tuple[str, ...]]]] = {
+    "gpu": (
+        "bfloat16",
+        {
+            "causal": ("cudnn", "pallas", "flash", "xla"),
+            "segments": _GPU_PACKED,
+            "tree": _GPU_PACKED,
+        },
+    ),
     "tpu": ("bfloat16", ("splash", "flash", "xla")),
     "cpu": ("float32", ("flash", "xla")),  # XLA:CPU has no native bf16 and runs it slower
 }
@@ -125,7 +136,8 @@ def compiled_by(run: Execution, backend: str) -> Execution:
     names = []
     for kind, name in zip(MASK_KINDS, run.kernels, strict=True):
         if IMPLEMENTATIONS[name].misfit(kind, backend=backend) is not None:
-            name = next(c for c in candidates if IMPLEMENTATIONS[c].misfit(kind) is None)
+            order = candidates_for(candidates, kind)
+            name = next(c for c in order if IMPLEMENTATIONS[c].misfit(kind) is None)
         names.append(name)
     kernels = Choice(*names)
     if kernels == run.kernels:

@@ -22,7 +22,8 @@
 #              (JAXRM_GPU_CHECK_FLEX=1: also PyTorch flex_attention with the same tree mask on
 #              jaxrm's packed rows, +90 s; left out of the figures if it fails)
 #   train      the tiny config end to end (python -m jaxrm.train --config configs/tiny.py)
-# PYTHON names the interpreter (default: python3 on a GPU, .venv/bin/python for the dry run).
+# JAXRM_GPU_CHECK_STEPS=attention,bench runs only the steps it names (and install): a rerun of
+# what failed. PYTHON names the interpreter (default: python3 on a GPU, .venv/bin/python for the dry run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ] || [[ "$1" == --* ]]; then
@@ -83,6 +84,11 @@ failures=0
 run_step() {  # NAME LIMIT COMMAND...: runs COMMAND under `timeout LIMIT`, output to the log
   local name="$1" limit="$2" started rc status seconds
   shift 2
+  if [ -n "${JAXRM_GPU_CHECK_STEPS:-}" ] && [ "$name" != install ] \
+    && [[ ",${JAXRM_GPU_CHECK_STEPS}," != *",${name},"* ]]; then
+    printf '%s\t%s\t%s\n' "$name" "skipped" "0.0" >> "$steps"
+    return
+  fi
   started="$(date +%s.%N)"
   echo "=== ${name}: $*" >> "$log"
   timeout "$limit" "$@" >> "$log" 2>&1
@@ -101,8 +107,17 @@ run_step() {  # NAME LIMIT COMMAND...: runs COMMAND under `timeout LIMIT`, outpu
 }
 
 install() {  # jaxrm (--no-deps) + what the image lacks from $wheels, into $work/site
-  "$py" -m pip install --dry-run --quiet --no-index --find-links "$wheels" --no-build-isolation \
-    --report "$work/plan.json" . || return 1
+  "$py" -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|flax|numpy|pyarrow|hf-xet|tokenizers|huggingface-hub|transformers|tensorstore|orbax-checkpoint|safetensors|torch) '
+  if ! "$py" -m pip install --dry-run --quiet --no-index --find-links "$wheels" \
+    --no-build-isolation --report "$work/plan.json" .; then
+    # the image holds a version that pip cannot reconcile with the folder (the resolver says
+    # which above): every wheel of the folder then shadows the image's, first on PYTHONPATH
+    echo "install: no resolution against the image; installing every wheel of ${wheels}"
+    "$py" -m pip install --quiet --no-deps --no-index --target "$work/site" "$wheels"/*.whl \
+      || return 1
+    "$py" -m pip install --quiet --no-deps --no-index --no-build-isolation --target "$work/site" .
+    return
+  fi
   "$py" - "$work/plan.json" > "$work/wheels.txt" <<'PY' || return 1
 import json
 import sys

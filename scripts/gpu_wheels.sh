@@ -9,7 +9,9 @@
 # scripts/constraints.txt, with the image's JAX (GPU_JAX_VERSION, default 0.11.2) in place of
 # 0.10.2 and a flax that runs on it (GPU_FLAX_VERSION, default 0.12.10), then downloads (no other resolution) every pure-Python wheel of that set except jax, plus
 # the compiled wheels of the packages the image lacks (COMPILED_MISSING: read off the image's package
-# list, .library/device/KINDS.md, 2026-11-17). gpu_check.sh then lets pip pick from the folder only
+# list, .library/device/KINDS.md, 2026-11-17; tensorstore and tokenizers: the image's are older than
+# jaxrm's pins allow, its tokenizers 0.23.2 needing huggingface-hub < 2, seen on an H100 2026-11-27).
+# gpu_check.sh then lets pip pick from the folder only
 # what the image lacks or has at a version outside jaxrm's ranges. About 30 MB.
 # The same thing by hand: `pip download --no-deps --only-binary=:all: --python-version 3.12
 #   --platform manylinux_2_28_x86_64 ... -d .gpu-wheels NAME==VERSION` for each wheel this prints.
@@ -22,7 +24,7 @@ jax_version="${GPU_JAX_VERSION:-0.11.2}"
 # flax 0.12.8 (the CPU pin) needs JAX < 0.11 (jax.experimental.hijax.HiPrimitive); 0.12.9+ needs
 # JAX >= 0.11.1
 flax_version="${GPU_FLAX_VERSION:-0.12.10}"
-COMPILED_MISSING="grain array-record pydantic-core"
+COMPILED_MISSING="grain array-record pydantic-core tensorstore tokenizers"
 platforms=()
 for n in 2_17 2_24 2_27 2_28 2_31 2_34 2_35; do platforms+=(--platform "manylinux_${n}_x86_64"); done
 platforms+=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64)

@@ -142,10 +142,11 @@ def test_each_implementation_declares_what_its_kernels_refuse():
 @pytest.mark.parametrize(
     "backend, head_dim, features, expected",
     [
-        ("gpu", 128, Features(), "cudnn"),
-        ("gpu", 256, Features(), "flash"),  # beyond cuDNN's head_dim
-        ("gpu", 128, Features(softcap=True), "flash"),  # Gemma 2: cuDNN has no soft-cap
-        ("gpu", 128, Features(window=True), "cudnn"),  # windows by position: the mask
+        # GPU: cuDNN for right-padded rows, pallas for packed ones (measured on an H100)
+        ("gpu", 128, Features(), Choice("cudnn", "pallas", "pallas")),
+        ("gpu", 256, Features(), "pallas"),  # beyond cuDNN's head_dim
+        ("gpu", 128, Features(softcap=True), "pallas"),  # Gemma 2: cuDNN has no soft-cap
+        ("gpu", 128, Features(window=True), Choice("cudnn", "pallas", "pallas")),
         ("tpu", 128, Features(softcap=True), "splash"),
         ("tpu", 128, Features(window=True), "flash"),  # splash slides by row offset only
         ("tpu", 64, Features(), "flash"),
@@ -155,11 +156,12 @@ def test_each_implementation_declares_what_its_kernels_refuse():
 def test_auto_per_mask_kind_follows_the_backend_and_the_model(
     backend, head_dim, features, expected
 ):
+    expected = Choice.uniform(expected) if isinstance(expected, str) else expected
     for layout, sharing in (("padded", True), ("packed", True), ("packed", False)):
         run = resolve_execution(
             "auto", "auto", backend, head_dim, layout, prefix_sharing=sharing, features=features
         )
-        assert run.kernels == Choice.uniform(expected) and run.attention == expected
+        assert run.kernels == expected and run.attention == expected.for_kind(run.kind)
     kind = resolve_execution("auto", "auto", "cpu", 64, "packed", prefix_sharing=False).kind
     assert kind == "segments"
 
@@ -172,7 +174,7 @@ def test_auto_per_mask_kind_follows_the_backend_and_the_model(
             "gpu",
             Features(softcap=True),
             "'attention': cudnn attention cannot soft-cap logits (the model's are); tree masks "
-            "here can run flash, xla (leave it at 'auto' to choose)",
+            "here can run flash, xla, pallas (leave it at 'auto' to choose)",
         ),
         (
             "splash",

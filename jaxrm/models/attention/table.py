@@ -132,10 +132,15 @@ class Chosen(NamedTuple):
     skipped: dict[str, list[str]]
 
 
+def candidates_for(candidates: Sequence[str] | Mapping[str, Sequence[str]], kind: str):
+    """A backend's auto order for one mask kind (one order for all, or one per kind)."""
+    return candidates[kind] if isinstance(candidates, Mapping) else candidates
+
+
 def choose(
     table: Mapping[str, Implementation],
     attention: str,
-    candidates: Sequence[str],
+    candidates: Sequence[str] | Mapping[str, Sequence[str]],
     used: Sequence[str],
     features: Features,
     backend: str,
@@ -161,7 +166,7 @@ def choose(
                 able = [name for name in table if fits(name, kind) is None]
                 return f"{misfit}; {kind} masks here can run {', '.join(able)}" if able else misfit
         passed = []
-        for name in candidates:
+        for name in candidates_for(candidates, kind):
             misfit = fits(name, kind)
             if misfit is None:
                 picked[kind] = name
