@@ -6,10 +6,10 @@ on this machine's default device: values and gradients, float32 and bfloat16, pe
 
 For each mask kind (`causal`, `segments`, `tree`, on chat-like rows of scripts/attention_inputs.py,
 with padding) and each implementation `KERNELS[kind]` holds that the backends table lets run here
-(`jaxrm.backends.attention_misfit`), in each dtype and each family feature (plain; a sliding
-window of 96 positions; Gemma 2's soft-cap 50 with scale 0.1): the output and the gradients of
-sum(out * cotangent) with respect to q, k and v, against `reference_attention` run in float32 at
-the highest matmul precision on the same (dtype-rounded) inputs. An implementation that refuses a
+(`jaxrm.backends.attention_misfit`), in each dtype and each family feature (plain; a sliding window
+of length/16 positions; Gemma 2's soft-cap 50 with scale 0.1): the output and the gradients of
+sum(out * cotangent) with respect to q, k and v, against `reference_attention` run in float32 at the
+highest matmul precision on the same (dtype-rounded) inputs. An implementation that refuses a
 feature (ValueError while tracing) is listed as `refused`, not failed.
 
 Error: max |x - ref| / max(1, max |ref|) per tensor. Tolerances: float32 2e-2 (a GPU's float32
@@ -37,11 +37,11 @@ from attention_inputs import (
 from jaxrm.models.attention import Logits, attend, reference_attention
 
 TOLERANCE = {"float32": 2e-2, "bfloat16": 6e-2}
-WINDOW = 96
-FEATURES = {  # name -> (window, softcap, scale or None: 1/sqrt(head_dim))
-    "plain": (None, None, None),
-    "window": (WINDOW, None, None),
-    "softcap": (None, 50.0, 0.1),
+WINDOW_SHARE = 16  # the sliding window: 1/16 of the row length in positions
+FEATURES = {  # name -> (sliding window?, softcap, scale or None: 1/sqrt(head_dim))
+    "plain": (False, None, None),
+    "window": (True, None, None),
+    "softcap": (False, 50.0, 0.1),
 }
 
 
@@ -51,9 +51,10 @@ def relative_error(x: jax.Array, ref: jax.Array) -> float:
 
 
 def check_one(kind, implementation, dtype, feature, inputs, ids, head_dim, cache: dict) -> dict:
-    window, softcap, scale = FEATURES[feature]
+    slides, softcap, scale = FEATURES[feature]
     logits = Logits(scale or head_dim**-0.5, softcap)
-    mask = make_mask(kind, ids, window)
+    length = inputs[0].shape[1]
+    mask = make_mask(kind, ids, length // WINDOW_SHARE if slides else None)
     q, k, v, cotangent = (x.astype(dtype) for x in inputs)
 
     def grads(fn):
