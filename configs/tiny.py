@@ -7,9 +7,9 @@ On 2 CPU cores it trains 8 epochs (1,000 steps of 32 pairs) in under two minutes
 sits at chance for ~400 steps (the fresh head must learn to read the prompt), then climbs to
 >= 0.95 (see README for the measured figures). `dtype` and `attention` are left at `auto`
 (jaxrm/backends.py) and the batch layout at `packed`: float32 compute on CPU (XLA:CPU has no
-native bf16 and runs it slower), bf16 on GPUs and TPUs, with jaxrm's blocked flash attention on
-all three (cuDNN's serves only `--config.batch_layout=padded`, on GPUs); weights are float32
-everywhere.
+native bf16 and runs it slower), bf16 on GPUs and TPUs; attention per mask kind: jaxrm's blocked
+flash attention on the CPU, cuDNN's on GPUs (the packed mask as a dense array), and flash on TPUs
+(the tiny model's head_dim 16 is below splash attention's 128); weights are float32 everywhere.
 """
 
 from jaxrm.assets import BENCHMARK_FIXTURES, TINY_EVAL_FILE, TINY_MODEL_DIR, TINY_TRAIN_FILE

@@ -1,9 +1,12 @@
 """What `auto` means for the config keys `dtype` and `attention` on each JAX backend.
 
 `BACKEND_DEFAULTS` is the one table: per backend, the compute dtype and the attention
-implementations fastest first; `auto` runs the first one whose needs (`ATTENTION_NEEDS`) the
-backend, compute dtype and head_dim meet. An explicit value is kept, and one whose needs are not
-met is a one-line error rather than a failure deep inside the compiled step.
+implementations fastest first. Attention is chosen per mask kind (`jaxrm.models.attention`:
+`causal` right-padded rows, `segments` packed rows, `tree` packed rows sharing prompts): `auto`
+runs, for each kind, the first implementation that can express it and the model's features
+(soft-cap, sliding window) on this backend, compute dtype and head_dim. An explicit value is kept
+for every kind the run meets, and one that cannot serve one of them is a one-line error naming
+what can, rather than a failure deep inside the compiled step.
 """
 
 from __future__ import annotations
@@ -17,7 +20,14 @@ import ml_collections
 from jaxrm.dtypes import COMPUTE_DTYPES
 from jaxrm.errors import UserError
 from jaxrm.hf import model_architecture
-from jaxrm.models.attention import ATTENTION_IMPLEMENTATIONS
+from jaxrm.models.attention import (
+    ATTENTION_IMPLEMENTATIONS,
+    IMPLEMENTATIONS,
+    MASK_KINDS,
+    Choice,
+    Features,
+)
+from jaxrm.models.attention.table import NO_FEATURES, choose
 from jaxrm.models.families import model_config_from_hf
 
 log = logging.getLogger(__name__)
@@ -26,76 +36,52 @@ AUTO = "auto"
 
 # backend -> (compute dtype, attention implementations, fastest first). `flash` (jaxrm's blocked
 # kernel) skips masked and padded blocks and never forms T x T: on CPU it measured ~5x faster than
-# XLA's fwd+bwd (benchmarks/RESULTS.md); cuDNN serves right-padded rows on GPUs.
+# XLA's fwd+bwd (benchmarks/RESULTS.md). On accelerators its loop syncs with the host per block, so
+# the fused kernels come first: cuDNN on GPUs, splash on TPUs (neither measured against it yet).
 BACKEND_DEFAULTS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "gpu": ("bfloat16", ("cudnn", "flash", "xla")),
-    "tpu": ("bfloat16", ("flash", "xla")),
+    "gpu": ("bfloat16", ("cudnn", "pallas", "flash", "xla")),
+    "tpu": ("bfloat16", ("splash", "flash", "xla")),
     "cpu": ("float32", ("flash", "xla")),  # XLA:CPU has no native bf16 and runs it slower
 }
 OTHER_BACKEND = "cpu"  # the row for a backend the table does not name
 
 
 @dataclasses.dataclass(frozen=True)
-class Needs:
-    """What an attention implementation needs (None: anything)."""
-
-    backends: tuple[str, ...] | None = None
-    dtypes: tuple[str, ...] | None = None
-    head_dim_multiple: int = 1
-    max_head_dim: int | None = None
-    layouts: tuple[str, ...] | None = None  # batch layouts (packed, padded)
-
-
-ATTENTION_NEEDS: dict[str, Needs] = {
-    # cuDNN flash attention: head_dim up to 128 runs on every GPU (jax allows 256 from Hopper on);
-    # jaxrm uses it for right-padded rows (packed rows with a shared prompt need a tree mask).
-    "cudnn": Needs(
-        backends=("gpu",),
-        dtypes=("bfloat16", "float16"),
-        head_dim_multiple=8,
-        max_head_dim=128,
-        layouts=("padded",),
-    ),
-}
-
-
-@dataclasses.dataclass(frozen=True)
 class Execution:
-    """How the model runs: compute dtype and attention names, and why (for the logs)."""
+    """How the model runs: compute dtype, attention per mask kind, and why (for the logs)."""
 
     dtype: str
-    attention: str
     reason: str
+    kernels: Choice  # the implementation for each mask kind (the model config's `attention`)
+    kind: str  # the training layout's mask kind
+
+    @property
+    def attention(self) -> str:
+        """The training layout's implementation: the config's one name, resolved."""
+        return self.kernels.for_kind(self.kind)
 
 
-def attention_misfit(
-    implementation: str, backend: str, dtype: str, head_dim: int | None, layout: str = "padded"
-) -> str | None:
-    """Why `implementation` cannot run here, or None when it can (head_dim None: not checked)."""
-    needs = ATTENTION_NEEDS.get(implementation, Needs())
-    if needs.backends is not None and backend not in needs.backends:
-        wanted = "/".join(needs.backends)
-        return f"{implementation} attention needs a {wanted} backend, not {backend}"
-    if needs.dtypes is not None and dtype not in needs.dtypes:
-        return f"{implementation} attention needs dtype {' or '.join(needs.dtypes)}, not {dtype}"
-    if head_dim is not None and (
-        head_dim % needs.head_dim_multiple
-        or (needs.max_head_dim is not None and head_dim > needs.max_head_dim)
-    ):
-        limit = f" and at most {needs.max_head_dim}" if needs.max_head_dim else ""
-        return (
-            f"{implementation} attention needs head_dim a multiple of {needs.head_dim_multiple}"
-            f"{limit}; the model's is {head_dim}"
-        )
-    if needs.layouts is not None and layout not in needs.layouts:
-        return f"{implementation} attention needs batch_layout {' or '.join(needs.layouts)}"
-    return None
+def mask_kinds(layout: str, prefix_sharing: bool = True) -> tuple[str, ...]:
+    """The mask kinds a run meets, its training (and eval) layout's first: padded rows are
+    `causal`, packed ones `tree` with prefix sharing, else `segments`; scoring (benchmarks during
+    training, `jaxrm.score`) packs without sharing: `segments`."""
+    if layout != "packed":
+        return ("causal", "segments")
+    return ("tree", "segments") if prefix_sharing else ("segments",)
 
 
 def resolve_execution(
-    dtype: str, attention: str, backend: str, head_dim: int | None = None, layout: str = "padded"
+    dtype: str,
+    attention: str,
+    backend: str,
+    head_dim: int | None = None,
+    layout: str = "padded",
+    *,
+    prefix_sharing: bool = True,
+    features: Features = NO_FEATURES,
 ) -> Execution:
-    """The compute dtype and attention for config values that may be `auto`."""
+    """The compute dtype and the attention per mask kind for config values that may be `auto`
+    (head_dim None: not checked)."""
     if dtype != AUTO and dtype not in COMPUTE_DTYPES:
         choices = ", ".join((AUTO, *COMPUTE_DTYPES))
         raise UserError(f"config key 'dtype' must be one of {choices}, got {dtype!r}")
@@ -105,42 +91,74 @@ def resolve_execution(
     default_dtype, candidates = BACKEND_DEFAULTS.get(backend, BACKEND_DEFAULTS[OTHER_BACKEND])
     dtype_reason = "set" if dtype != AUTO else f"auto on {backend}"
     dtype = default_dtype if dtype == AUTO else dtype
+    used = mask_kinds(layout, prefix_sharing)
+    chosen = choose(
+        IMPLEMENTATIONS, attention, candidates, used, features, backend, dtype, head_dim
+    )
+    if isinstance(chosen, str):
+        tail = " (leave it at 'auto' to choose)" if attention != AUTO else ""
+        raise UserError(f"config key 'attention': {chosen}{tail}")
+    kind = used[0]
     if attention != AUTO:
-        misfit = attention_misfit(attention, backend, dtype, head_dim, layout)
-        if misfit:
-            raise UserError(f"config key 'attention': {misfit} (leave it at 'auto' to choose)")
-        return Execution(dtype, attention, f"dtype {dtype_reason}, attention set")
-    skipped = []
-    for candidate in candidates:
-        misfit = attention_misfit(candidate, backend, dtype, head_dim, layout)
-        if misfit is None:
-            reason = f"dtype {dtype_reason}, attention auto on {backend}"
-            if skipped:
-                reason += f" ({'; '.join(skipped)})"
-            return Execution(dtype, candidate, reason)
-        skipped.append(misfit)
-    raise UserError(f"config key 'attention': no implementation fits ({'; '.join(skipped)})")
+        reason = f"dtype {dtype_reason}, attention set"
+    else:
+        reason = f"dtype {dtype_reason}, attention auto on {backend}"
+        if chosen.skipped[kind]:
+            reason += f" ({'; '.join(chosen.skipped[kind])})"
+    return Execution(dtype, reason, chosen.choice, kind)
 
 
-def model_head_dim(model_name_or_path: str, revision: str = "") -> int:
-    """head_dim from the model's config.json alone (see `jaxrm.hf.model_architecture`)."""
-    hf_config, _ = model_architecture(model_name_or_path, revision or None)
-    return model_config_from_hf(hf_config).head_dim
+def attention_misfit(
+    implementation: str, backend: str, dtype: str, head_dim: int | None, layout: str = "padded"
+) -> str | None:
+    """Why `implementation` cannot run a `layout`'s training mask kind here (None: it can)."""
+    kind = mask_kinds(layout)[0]
+    return IMPLEMENTATIONS[implementation].misfit(
+        kind, backend=backend, dtype=dtype, head_dim=head_dim
+    )
+
+
+def compiled_by(run: Execution, backend: str) -> Execution:
+    """`run` with each mask kind's implementation that cannot run on `backend` replaced by what
+    `auto` picks there (a memory plan compiles an accelerator's step with XLA:CPU)."""
+    _, candidates = BACKEND_DEFAULTS.get(backend, BACKEND_DEFAULTS[OTHER_BACKEND])
+    names = []
+    for kind, name in zip(MASK_KINDS, run.kernels, strict=True):
+        if IMPLEMENTATIONS[name].misfit(kind, backend=backend) is not None:
+            name = next(c for c in candidates if IMPLEMENTATIONS[c].misfit(kind) is None)
+        names.append(name)
+    kernels = Choice(*names)
+    if kernels == run.kernels:
+        return run
+    return dataclasses.replace(
+        run,
+        reason=f"{run.reason}; {run.kernels.describe()} compiled as {kernels.describe()}",
+        kernels=kernels,
+    )
 
 
 def with_backend_defaults(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A copy of `cfg` whose `dtype` and `attention` are resolved for the default JAX backend
-    and the model's head_dim."""
-    head_dim = model_head_dim(cfg.model_name_or_path, cfg.model_revision)
+    and the model (its head_dim and attention features, from its config.json alone: see
+    `jaxrm.hf.model_architecture`)."""
+    hf_config, _ = model_architecture(cfg.model_name_or_path, cfg.model_revision or None)
+    model = model_config_from_hf(hf_config)
     run = resolve_execution(
-        cfg.dtype, cfg.attention, jax.default_backend(), head_dim, cfg.batch_layout
+        cfg.dtype,
+        cfg.attention,
+        jax.default_backend(),
+        model.head_dim,
+        cfg.batch_layout,
+        prefix_sharing=cfg.prefix_sharing,
+        features=Features.of(model),
     )
     return with_execution(cfg, run)
 
 
 def with_execution(cfg: ml_collections.ConfigDict, run: Execution) -> ml_collections.ConfigDict:
     """A copy of `cfg` whose `dtype` and `attention` are those of `run` (logged with why)."""
-    log.info("compute dtype %s, attention %s (%s)", run.dtype, run.attention, run.reason)
+    attention = run.kernels.describe()  # one name, or one per mask kind where they differ
+    log.info("compute dtype %s, attention %s (%s)", run.dtype, attention, run.reason)
     resolved = cfg.copy_and_resolve_references()
     resolved.dtype, resolved.attention = run.dtype, run.attention
     return resolved

@@ -74,7 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.param_dtype = "float32"
     c.gradient_checkpointing = False
     c.remat_policy = "full"  # used when gradient_checkpointing (see jaxrm.models.remat)
-    c.attention = "auto"  # auto (the fastest that fits: jaxrm.backends) | flash | xla | cudnn
+    c.attention = "auto"  # auto (per mask kind: jaxrm.backends) | flash | xla | cudnn | splash
     # batches: packed rows of whole pairs (prompt shared by chosen and rejected), or right-padded
     # rows (the reference); see jaxrm/data/packing.py
     c.batch_layout = "packed"  # packed | padded

@@ -2,10 +2,11 @@
 
 Run it first on a new pod or cluster, on every host as training would run (it joins
 jax.distributed the same way): the backend, the devices per process, the versions of JAX and its
-accelerator plugin, whether cuDNN flash attention works (a tiny forward and backward checked
-against XLA), host and device memory. With a config: the mesh training would build, the pairs
-per device and the parameters the mesh leaves replicated (from the model's config.json), or the
-one-line reason it cannot (exit status 2), as training would refuse it.
+accelerator plugin, whether the accelerator's attention works (cuDNN on GPUs, splash on TPUs: a
+tiny forward and backward checked against XLA), host and device memory. With a config: the mesh
+training would build, the pairs per device and the parameters the mesh leaves replicated (from the
+model's config.json), or the one-line reason it cannot (exit status 2), as training would refuse
+it.
 """
 
 from __future__ import annotations
@@ -22,12 +23,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxrm.backends import AUTO, resolve_execution
 from jaxrm.config import base_config, get_config
 from jaxrm.distributed import initialize_distributed
 from jaxrm.errors import UserError, exit_on_user_error, first_line
 from jaxrm.hf import model_architecture
-from jaxrm.models.attention import Mask
+from jaxrm.models.attention import Mask, padded_rows_as_segments
 from jaxrm.models.attention import attend as attend_masked
 from jaxrm.plan import make_plan, plan_batch, plan_pack, resolve
 from jaxrm.sharding import MAX_REPLICATED_SHARE, data_parallel_size, make_mesh
@@ -44,8 +44,8 @@ RUNTIME_DISTRIBUTIONS = (
     "nvidia-cudnn-cu13",
     "libtpu",
 )
-# The probe's shapes: [batch, length, heads, head_dim], bf16.
-PROBE_SHAPE = (2, 256, 4, 64)
+# The probe's shapes: [batch, length, heads, head_dim], bf16 (head_dim 128: splash needs it).
+PROBE_SHAPE = (2, 256, 4, 128)
 PROBE_TOLERANCE = 0.02  # largest difference relative to the largest value; bf16 eps is 0.008
 GIB = 1024**3
 
@@ -125,9 +125,18 @@ def device_memory(devices: Sequence[jax.Device]) -> list[str]:
 
 def cudnn_attention_probe(backend: str) -> str:
     """Whether jaxrm's cuDNN flash attention runs here and agrees with XLA."""
-    if backend != "gpu":
+    return accelerator_probe(backend, "gpu", "cudnn")
+
+
+def splash_attention_probe(backend: str) -> str:
+    """Whether jaxrm's splash attention (TPU) runs here and agrees with XLA."""
+    return accelerator_probe(backend, "tpu", "splash")
+
+
+def accelerator_probe(backend: str, needs: str, implementation: str) -> str:
+    if backend != needs:
         return f"not applicable ({backend} backend)"
-    return attention_probe("cudnn")
+    return attention_probe(implementation)
 
 
 def attention_probe(implementation: str) -> str:
@@ -160,9 +169,10 @@ def attention_probe(implementation: str) -> str:
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax.Array:
-    """Causal attention over whole rows with `implementation` (flash: one segment per row)."""
-    if implementation == "flash":
-        return attend_masked(q, k, v, Mask(jnp.ones(q.shape[:2], jnp.int32)), "flash")
+    """Causal attention over whole rows with `implementation` (as one segment per row where it
+    runs right-padded rows so, as training does)."""
+    if padded_rows_as_segments(implementation):
+        return attend_masked(q, k, v, Mask(jnp.ones(q.shape[:2], jnp.int32)), implementation)
     return attend_masked(q, k, v, Mask(), implementation)
 
 
@@ -180,16 +190,20 @@ def read_architecture(cfg: ml_collections.ConfigDict) -> Architecture:
 def execution_line(
     cfg: ml_collections.ConfigDict | None, backend: str, architecture: Architecture | None = None
 ) -> str:
-    """The compute dtype and attention training would use on this backend."""
+    """The compute dtype and attention training would use on this backend (per mask kind when
+    the kinds the run meets differ)."""
     if cfg is None:
-        run = resolve_execution(AUTO, AUTO, backend, layout=base_config().batch_layout)
+        run = resolve(base_config(), None, backend)
         return f"{run.dtype} compute, {run.attention} attention (what auto means on {backend})"
     if isinstance(architecture, tuple):
         run, unchecked = resolve(cfg, architecture[0], backend), ""
     else:
-        run = resolve_execution(cfg.dtype, cfg.attention, backend, None, cfg.batch_layout)
+        run = resolve(cfg, None, backend)
         unchecked = "; head_dim not checked: the model's config.json is unreachable"
-    return f"{run.dtype} compute, {run.attention} attention ({run.reason}{unchecked})"
+    line = f"{run.dtype} compute, {run.attention} attention ({run.reason}{unchecked})"
+    if len(set(run.kernels)) > 1:
+        line += f"; per mask kind: {run.kernels.describe()}"
+    return line
 
 
 def plan_lines(
@@ -252,6 +266,7 @@ def device_report(backend: str) -> list[str]:
         f"versions: {installed_versions()}",
         f"runtime: {devices[0].client.platform_version}",
         f"cuDNN flash attention: {cudnn_attention_probe(backend)}",
+        f"splash attention: {splash_attention_probe(backend)}",
         f"host memory: {host_memory()}",
         *(f"device memory: {line}" for line in device_memory(jax.local_devices())),
     ]

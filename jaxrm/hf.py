@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 
 from jaxrm.assets import ARCHITECTURES_DIR
 from jaxrm.errors import UserError, first_line
-from jaxrm.models.families import family_named, family_of, model_config_from_hf
+from jaxrm.models.families import family_named, flat_config, model_config_from_hf
 from jaxrm.models.family import ModelConfig, TensorMap
 from jaxrm.models.reward import RewardModel, score_head_stddev
 from jaxrm.sharding import ReplicatedParam, check_replication, variable_sharding
@@ -106,13 +106,15 @@ def read_hf_config(model_dir: Path) -> dict[str, Any]:
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    """A Hugging Face config.json of a supported model type."""
+    """A Hugging Face config.json of a supported model type, as its family's model reads it (a
+    multimodal checkpoint's text model as a flat config)."""
     try:
         config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{path} is not valid JSON: {e}") from None
-    family_of(config, str(path))
-    return config
+    if not isinstance(config, dict):
+        raise UserError(f"{path} is not a JSON object")
+    return flat_config(config, str(path))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,7 +193,16 @@ class ImportReport:
     resized_vocab: tuple[int, int] | None = None  # (old, new) when the embedding grew
 
 
+# Where a checkpoint keeps its backbone: a causal LM or classifier under `model.`, a bare
+# backbone at the top, a multimodal model's text model (Gemma 3) under either of its prefixes.
+BACKBONE_PREFIXES = ("model.language_model.", "language_model.model.", "model.", "")
+FOREIGN_PARTS = ("vision_tower.", "multi_modal_projector.")  # a multimodal model's other towers
+
+
 def _detect_prefix(names: set[str]) -> str:
+    for prefix in BACKBONE_PREFIXES:
+        if prefix + "embed_tokens.weight" in names:
+            return prefix
     return "model." if any(n.startswith("model.") for n in names) else ""
 
 
@@ -286,9 +297,10 @@ def load_reward_model(
 
 def _ignorable(name: str) -> bool:
     return (
-        name.startswith("lm_head.")
+        name.startswith(("lm_head.", "language_model.lm_head."))
         or name.endswith("rotary_emb.inv_freq")
         or name == "score.weight"
+        or any(part in name for part in FOREIGN_PARTS)
     )
 
 

@@ -21,8 +21,9 @@ On a host without N accelerators the devices are fake CPU devices (scripts/memor
 `--xla_force_host_platform_device_count`), so the analysis is XLA:CPU's, which keeps more of the
 bf16 work in float32 than the GPU and TPU compilers: it over-estimates their temporaries
 (benchmarks/RESULTS.md, "Memory plan": one 8B step came to 86 GiB by XLA:CPU and 69 GiB by the
-GPU compiler). `dtype` auto plans the accelerators' bf16; cuDNN attention cannot be compiled by
-XLA:CPU, so `auto` and `cudnn` are planned with `flash`, which likewise never forms T x T.
+GPU compiler). `dtype` auto plans the accelerators' bf16; the accelerators' attention kernels
+(cuDNN, splash) cannot be compiled by XLA:CPU, so the mask kinds `auto` gives them are planned with
+`flash`, which likewise never forms T x T.
 
 `--target h100` compiles for N H100s instead, by XLA:GPU run on this CPU (`jaxrm.deviceless`: JAX's
 CUDA plugin from the side folder `scripts/deviceless_plugin.sh cuda` makes, openxla's H100 target
@@ -52,7 +53,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxrm.backends import AUTO, Execution, resolve_execution
+from jaxrm.backends import AUTO, Execution, compiled_by
 from jaxrm.config import get_config
 from jaxrm.data.batch import FIELDS, PACKED_FIELDS, Field, batch_shardings, field_shapes
 from jaxrm.deviceless import TARGETS, target_devices, target_named
@@ -60,8 +61,9 @@ from jaxrm.errors import UserError, exit_on_user_error
 from jaxrm.hf import model_architecture
 from jaxrm.hf import read_config_file as read_model_config
 from jaxrm.logs import setup_logging
+from jaxrm.models.attention import IMPLEMENTATIONS
 from jaxrm.objective import METRIC_SUM_KEYS, Objective
-from jaxrm.plan import abstract_opt_state, make_plan, model_config
+from jaxrm.plan import abstract_opt_state, make_plan, resolve
 from jaxrm.sharding import (
     MESH_AXES,
 )
@@ -70,9 +72,9 @@ from jaxrm.step import make_train_step
 GIB = 1024**3
 ANALYSIS = "XLA:CPU"
 HOST = "cpu"  # --target: fake CPU devices, XLA:CPU's analysis
-# The backends-table row planned on fake CPU devices: an accelerator (bf16 for dtype auto) whose
-# attention choices (flash, xla) XLA:CPU compiles; a GPU's cuDNN cannot be, and `flash` likewise
-# never forms T x T. A deviceless target plans its own row.
+# The backends-table row planned on fake CPU devices: an accelerator (bf16 for dtype auto); its
+# attention kernels are planned with what XLA:CPU compiles (`compiled_by`). A deviceless target
+# plans its own row.
 PLANNED_BACKEND = "tpu"
 
 
@@ -126,16 +128,17 @@ def batch_structs(fields: dict[str, Field], shapes: dict[str, tuple[int, ...]], 
 def execution(
     cfg: ml_collections.ConfigDict, hf_config: dict[str, Any], target: str = HOST
 ) -> Execution:
-    """The compute dtype and attention planned: on fake CPU devices, what the backends table
-    resolves on an accelerator whose attention XLA:CPU compiles too (cuDNN is planned as `auto`,
-    see above); for a deviceless target, what it resolves on the target's backend."""
-    head_dim = model_config(hf_config).head_dim
+    """The compute dtype and attention planned. On fake CPU devices: the run plan's resolution on
+    an accelerator (`PLANNED_BACKEND`; an attention set for another accelerator is planned as
+    `auto`), with each mask kind's kernel that XLA:CPU cannot compile planned with the CPU's (see
+    above). For a deviceless target: the resolution on the target's backend, kernels as they are."""
     if target != HOST:
-        return resolve_execution(
-            cfg.dtype, cfg.attention, target_named(target).backend, head_dim, cfg.batch_layout
-        )
-    attention = AUTO if cfg.attention == "cudnn" else cfg.attention
-    return resolve_execution(cfg.dtype, attention, PLANNED_BACKEND, head_dim, cfg.batch_layout)
+        return resolve(cfg, hf_config, target_named(target).backend)
+    planned = cfg.copy_and_resolve_references()
+    attention = IMPLEMENTATIONS.get(planned.attention)
+    if attention is not None and attention.misfit("causal", backend=PLANNED_BACKEND):
+        planned.attention = AUTO
+    return compiled_by(resolve(planned, hf_config, PLANNED_BACKEND), "cpu")
 
 
 def plan(
@@ -162,7 +165,13 @@ def plan(
     shardings = jax.tree.map(lambda x: x.sharding, state)
     objective = Objective(1, cfg.use_margin, cfg.center_rewards_coefficient)
     step = make_train_step(
-        run.graphdef, optimizer, mesh, shardings, objective, packed=run.pack is not None
+        run.graphdef,
+        optimizer,
+        mesh,
+        shardings,
+        objective,
+        packed=run.pack is not None,
+        shared_prefix=run.pack is not None and run.pack.share_prefix,
     )
     replicated_sharding = NamedSharding(mesh, PartitionSpec())
     scalar = struct((), jnp.float32, replicated_sharding)

@@ -1,7 +1,8 @@
 """One run plan: what a config and the devices decide before any weight is read. The mesh, the
-named batch sizes, the packed layout's shapes (or none), the resolved execution (compute dtype
-and attention), the model config, the abstract sharded train state and the optimizer's arguments.
-Training, `jaxrm.devices` and `jaxrm.memory_plan` take what they need from it; none rebuilds it."""
+named batch sizes, the packed layout's shapes (or none), the resolved execution (compute dtype and
+the attention per mask kind the run meets), the model config, the abstract sharded train state
+and the optimizer's arguments. Training, `jaxrm.devices` and `jaxrm.memory_plan` take what they
+need from it; none rebuilds it."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from jaxrm.data import packing
 from jaxrm.distributed import batch_sizes
 from jaxrm.dtypes import BY_NAME
 from jaxrm.hf import abstract_reward_model
+from jaxrm.models.attention import Features
 from jaxrm.models.families import model_config_from_hf
 from jaxrm.models.family import ModelConfig
 from jaxrm.optimizer import make_optimizer, make_schedule
@@ -132,10 +134,44 @@ def plan_pack(
     return packing.PackSpec(length, rows, dp, batch.step_pairs, cfg.prefix_sharing)
 
 
-def resolve(cfg: ml_collections.ConfigDict, hf_config: dict[str, Any], backend: str) -> Execution:
-    """The compute dtype and attention `cfg` runs with on `backend` for this model."""
-    head_dim = model_config(hf_config).head_dim
-    return resolve_execution(cfg.dtype, cfg.attention, backend, head_dim, cfg.batch_layout)
+def resolve(
+    cfg: ml_collections.ConfigDict, hf_config: dict[str, Any] | None, backend: str
+) -> Execution:
+    """The compute dtype and attention per mask kind `cfg` runs with on `backend` for the model
+    of `hf_config` (None: its head_dim and features unknown, not checked)."""
+    return resolve_for(
+        hf_config,
+        cfg.dtype,
+        cfg.attention,
+        backend,
+        cfg.batch_layout,
+        cfg.prefix_sharing,
+    )
+
+
+def resolve_for(
+    hf_config: dict[str, Any] | None,
+    dtype: str,
+    attention: str,
+    backend: str,
+    layout: str,
+    prefix_sharing: bool = False,
+) -> Execution:
+    """`resolve` for a model and a layout without a training config (scoring: packed, no
+    prefix sharing)."""
+    head_dim, features = None, Features()
+    if hf_config is not None:
+        config = model_config(hf_config)
+        head_dim, features = config.head_dim, Features.of(config)
+    return resolve_execution(
+        dtype,
+        attention,
+        backend,
+        head_dim,
+        layout,
+        prefix_sharing=prefix_sharing,
+        features=features,
+    )
 
 
 def abstract_state(graph_state: nnx.State, mesh: Mesh) -> nnx.State:
@@ -180,7 +216,7 @@ def make_plan(
         dtype=BY_NAME[execution.dtype],
         param_dtype=BY_NAME[cfg.param_dtype],
         remat_policy=remat,
-        attention=execution.attention,
+        attention=execution.kernels,
     )
     graphdef, graph_state = abstract_reward_model(config)
     replicated = check_replication(graph_state, mesh, replication_limit, report=report)

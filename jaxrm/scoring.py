@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from jaxrm.backends import AUTO, resolve_execution
+from jaxrm.backends import AUTO
 from jaxrm.checkpoint import read_meta, restore_params_and_meta, tokenizer_dir, training_output_dir
 from jaxrm.data import packing
 from jaxrm.data.batch import PACKED_FIELDS, batch_shardings, local_part
@@ -34,8 +34,9 @@ from jaxrm.hf import (
     state_leaves,
     tensor_map,
 )
+from jaxrm.models.attention import Choice
 from jaxrm.models.family import ModelConfig
-from jaxrm.plan import abstract_state, model_config
+from jaxrm.plan import abstract_state, model_config, resolve_for
 from jaxrm.sharding import activation_sharding, data_parallel_size, gather_to_host
 
 
@@ -130,11 +131,10 @@ def load_model(
     return model, source
 
 
-def scoring_attention(hf_config: dict[str, Any], dtype: str) -> str:
-    """The attention scoring runs with: the backends table's choice for packed rows (scoring
-    packs whole sequences like training's packed layout)."""
-    head_dim = model_config(hf_config).head_dim
-    return resolve_execution(dtype, AUTO, jax.default_backend(), head_dim, "packed").attention
+def scoring_attention(hf_config: dict[str, Any], dtype: str) -> Choice:
+    """The attention per mask kind scoring runs with: the run plan's resolution for packed rows
+    without shared prompts (scoring packs whole sequences), on this backend."""
+    return resolve_for(hf_config, dtype, AUTO, jax.default_backend(), "packed").kernels
 
 
 def check_finite(model: nnx.Module, config: ModelConfig, where: str) -> None:
@@ -207,14 +207,15 @@ def _score_distinct(
     rows = max(1, math.ceil(batch_size * float(lengths.mean()) / length))
     spec = packing.PackSpec(length=length, rows=rows, devices=dp, slots=0, share_prefix=False)
     micro_batches = packing.pack_sequences(lengths, spec)
-    row_fields = ("input_ids", "positions", "segment_ids", "branch_ids")
+    row_fields = ("input_ids", "positions", "segment_ids")  # no branches: nothing is shared
     shardings = batch_shardings(mesh, {k: PACKED_FIELDS[k] for k in row_fields})
     shardings["index"] = batch_shardings(mesh, {"index": PACKED_FIELDS["chosen_index"]})["index"]
 
     @jax.jit
     def forward(state, batch):
         with activation_sharding(mesh):
-            scores = nnx.merge(graphdef, state).token_scores(*(batch[k] for k in row_fields))
+            rows = (batch[k] for k in row_fields)
+            scores = nnx.merge(graphdef, state).token_scores(*rows, None)
         per_device = scores.reshape(batch["index"].shape[0], -1)
         return jnp.take_along_axis(per_device, batch["index"], axis=1)
 

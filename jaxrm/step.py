@@ -78,13 +78,16 @@ def _structure(node: Any) -> Any:
 
 
 def pair_rewards(
-    graphdef: nnx.GraphDef, params: Any, micro: Batch, obj: Objective
+    graphdef: nnx.GraphDef, params: Any, micro: Batch, obj: Objective, shared_prefix: bool = True
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """(chosen, rejected, weight, margin) of one micro-batch's pairs, float32, either layout."""
+    """(chosen, rejected, weight, margin) of one micro-batch's pairs, float32, either layout.
+    Packed rows without `shared_prefix` have no branches (their `branch_ids` are all 0): the
+    model gets none, so attention runs the `segments` mask kind, not `tree`."""
     model = nnx.merge(graphdef, params)
     if "segment_ids" in micro:  # packed: the score at every token, read at each sequence's end
+        branch_ids = micro["branch_ids"] if shared_prefix else None
         scores = model.token_scores(
-            micro["input_ids"], micro["positions"], micro["segment_ids"], micro["branch_ids"]
+            micro["input_ids"], micro["positions"], micro["segment_ids"], branch_ids
         )
         per_device = scores.reshape(micro["chosen_index"].shape[0], -1)
         chosen = jnp.take_along_axis(per_device, micro["chosen_index"], axis=1).reshape(-1)
@@ -96,10 +99,10 @@ def pair_rewards(
 
 
 def _rewards_and_sums(
-    graphdef: nnx.GraphDef, params: Any, micro: Batch, obj: Objective
+    graphdef: nnx.GraphDef, params: Any, micro: Batch, obj: Objective, shared_prefix: bool
 ) -> tuple[jax.Array, jax.Array, jax.Array, dict[str, jax.Array]]:
     """One micro-batch's forward pass: rewards, pair weights and the metric sums."""
-    chosen, rejected, weight, margin = pair_rewards(graphdef, params, micro, obj)
+    chosen, rejected, weight, margin = pair_rewards(graphdef, params, micro, obj, shared_prefix)
     margin = margin if obj.use_margin else None
     sums = pair_metrics(chosen, rejected, weight, margin, obj.center_coef)
     return chosen, rejected, weight, sums
@@ -152,17 +155,18 @@ def make_train_step(
     state_shardings: Any,
     obj: Objective,
     packed: bool = False,
+    shared_prefix: bool = True,
 ) -> Callable[[Any, Any, jax.Array], tuple[Any, dict[str, jax.Array]]]:
     """`(params, opt_state), batch, stop votes -> (params, opt_state), outputs`.
 
     Padded batches: one jitted call that scans the k micro-batches. Packed steps (a varying
     number of micro-batches of one shape): a jitted accumulation per micro-batch, then one jitted
     update. Outputs: the metric sums (zero for a skipped step), `grad_norm`, `skipped` (0 or 1)
-    and `stop` (1 when any process asked to stop).
+    and `stop` (1 when any process asked to stop). `shared_prefix`: packed rows share prompts.
     """
 
     def loss_fn(params: Any, micro: Batch, normalizer: jax.Array):
-        _, _, _, sums = _rewards_and_sums(graphdef, params, micro, obj)
+        _, _, _, sums = _rewards_and_sums(graphdef, params, micro, obj, shared_prefix)
         return mean_loss(sums, normalizer), sums
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -242,15 +246,22 @@ class PackedTrainStep:
 
 
 def make_eval_step(
-    graphdef: nnx.GraphDef, mesh: Mesh, param_shardings: Any, obj: Objective, packed: bool = False
+    graphdef: nnx.GraphDef,
+    mesh: Mesh,
+    param_shardings: Any,
+    obj: Objective,
+    packed: bool = False,
+    shared_prefix: bool = True,
 ) -> Callable[[Any, Batch], dict[str, jax.Array]]:
     """`params, micro-batch -> metric sums` plus reward sums for the export's statistics (padded:
-    a batch `[1, 2m, T]`; packed: one micro-batch)."""
+    a batch `[1, 2m, T]`; packed: one micro-batch, prompts shared when `shared_prefix`)."""
 
     def step(params: Any, batch: Batch) -> dict[str, jax.Array]:
         micro = batch if packed else jax.tree.map(lambda x: x[0], batch)
         with activation_sharding(mesh):
-            chosen, rejected, weight, sums = _rewards_and_sums(graphdef, params, micro, obj)
+            chosen, rejected, weight, sums = _rewards_and_sums(
+                graphdef, params, micro, obj, shared_prefix
+            )
         both_weight = jnp.concatenate([weight, weight])
         both = jnp.where(both_weight > 0, jnp.concatenate([chosen, rejected]), 0.0)
         sums["reward_sum"] = jnp.sum(both_weight * both)

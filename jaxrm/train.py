@@ -235,19 +235,20 @@ def disk_needed(cfg: ml_collections.ConfigDict, plan: RunPlan) -> tuple[int, str
 
 
 def initial_model(
-    cfg: ml_collections.ConfigDict, mesh, model_dir: Path, vocab_size: int
+    cfg: ml_collections.ConfigDict, plan: RunPlan, model_dir: Path, vocab_size: int
 ) -> tuple[nnx.GraphDef, nnx.State, dict[str, Any]]:
-    """A fresh run's model from the HF weights: (graph, params, config.json as trained)."""
+    """A fresh run's model from the HF weights: (graph, params, config.json as trained), run as
+    `plan` says (attention per mask kind)."""
     model, hf_config, report = load_reward_model(
         str(model_dir),
-        mesh,
+        plan.mesh,
         reinit_score_head=cfg.reinit_score_head,
         min_vocab_size=vocab_size,
         seed=cfg.seed,
         dtype=BY_NAME[cfg.dtype],
         param_dtype=BY_NAME[cfg.param_dtype],
         remat_policy=cfg.remat_policy if cfg.gradient_checkpointing else "none",
-        attention=cfg.attention,
+        attention=plan.execution.kernels,
         replication_limit=MAX_REPLICATED_SHARE,
     )
     log.info(
@@ -556,7 +557,7 @@ def run(
     schedule = plan.optimizer_args.schedule(total_steps)
     optimizer = plan.optimizer_args.optimizer(schedule)
     if run_start.restored is None:
-        graphdef, params, hf_config = initial_model(cfg, mesh, run_start.model_dir, len(tokenizer))
+        graphdef, params, hf_config = initial_model(cfg, plan, run_start.model_dir, len(tokenizer))
         opt_state = init_optimizer_state(optimizer, params, mesh)
     else:
         graphdef, hf_config = plan.graphdef, plan.hf_config
@@ -596,9 +597,22 @@ def run(
             step_pairs=step_pairs,
             graphdef=graphdef,
             train_step=make_train_step(
-                graphdef, optimizer, mesh, state_shardings, obj, packed=pack is not None
+                graphdef,
+                optimizer,
+                mesh,
+                state_shardings,
+                obj,
+                packed=pack is not None,
+                shared_prefix=cfg.prefix_sharing,
             ),
-            eval_step=make_eval_step(graphdef, mesh, param_shardings, obj, packed=pack is not None),
+            eval_step=make_eval_step(
+                graphdef,
+                mesh,
+                param_shardings,
+                obj,
+                packed=pack is not None,
+                shared_prefix=cfg.prefix_sharing,
+            ),
             benchmarks=benchmarks,
             state=(params, opt_state),
             train_iter=train_iter,

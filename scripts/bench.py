@@ -155,7 +155,7 @@ def run_jaxrm(args, workdir: Path, pairs: list, layout: str) -> dict:
     mesh = make_mesh(1, -1, 1)
     dp = data_parallel_size(mesh)
     model, _, _ = load_reward_model(
-        str(workdir / "model"), mesh, dtype=BY_NAME[run.dtype], attention=run.attention,
+        str(workdir / "model"), mesh, dtype=BY_NAME[run.dtype], attention=run.kernels,
         remat_policy=args.remat,
     )  # fmt: skip
     data = pairs_data(pairs)

@@ -1,4 +1,5 @@
-"""Builders for random tiny transformers Llama models, the numerical reference in tests."""
+"""Builders for random tiny transformers models of every family jaxrm reads, the numerical
+reference in tests."""
 
 from __future__ import annotations
 
@@ -32,32 +33,123 @@ TINY_VARIANTS = {
 }
 
 
+TINY_SHAPE = dict(  # what every family's tiny model shares
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    pad_token_id=0,
+    num_labels=1,
+)
+
+
 def tiny_llama_config(variant: str = "gqa", **overrides):
     from transformers import LlamaConfig
 
-    kwargs = dict(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        max_position_embeddings=128,
-        rms_norm_eps=1e-5,
-        pad_token_id=0,
-        num_labels=1,
-        tie_word_embeddings=False,
-    )
+    kwargs = dict(TINY_SHAPE, tie_word_embeddings=False)
     kwargs.update(TINY_VARIANTS[variant])
     kwargs.update(overrides)
     return LlamaConfig(**kwargs)
 
 
-def save_tiny_classifier(path: Path, variant: str = "gqa", seed: int = 0, **overrides):
-    """A random LlamaForSequenceClassification (random biases too) saved as safetensors."""
+# Per family: transformers' config class and keyword arguments for a tiny model whose shapes catch
+# shortcuts: head_dim != hidden / heads, GQA, windows (5) shorter than the test sequences, soft-cap,
+# query_pre_attn_scalar != head_dim, a Gemma 3 layer count that is not a multiple of 6, rope
+# scaling (yarn with its attention factor, linear on Gemma 3's global layers only), tied embeddings.
+FAMILY_CONFIGS = {
+    "qwen2": (
+        "Qwen2Config",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            use_sliding_window=True,
+            sliding_window=5,
+            max_window_layers=1,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "qwen3": (
+        "Qwen3Config",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            rope_parameters=dict(
+                rope_type="yarn",
+                rope_theta=10000.0,
+                factor=4.0,
+                original_max_position_embeddings=32,
+            ),
+            use_sliding_window=True,
+            sliding_window=5,
+            max_window_layers=1,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "mistral": (
+        "MistralConfig",
+        dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=5),
+    ),
+    "olmo2": (
+        "Olmo2Config",
+        dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention_bias=True),
+    ),
+    "gemma2": (
+        "Gemma2Config",
+        dict(
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=1.5,
+            sliding_window=5,
+            initializer_range=0.2,
+        ),
+    ),
+    "gemma3_text": (
+        "Gemma3TextConfig",
+        dict(
+            num_hidden_layers=7,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=5,
+            rope_parameters=dict(
+                full_attention=dict(rope_type="linear", rope_theta=1_000_000.0, factor=2.0),
+                sliding_attention=dict(rope_type="default", rope_theta=10_000.0),
+            ),
+        ),
+    ),
+}
+FAMILIES = ("llama", *FAMILY_CONFIGS)
+
+
+def tiny_config(family: str = "llama", variant: str = "gqa", **overrides):
+    """A tiny transformers config of `family` (Llama: of `variant`)."""
+    import transformers
+
+    if family == "llama":
+        return tiny_llama_config(variant, **overrides)
+    class_name, kwargs = FAMILY_CONFIGS[family]
+    kwargs = {**TINY_SHAPE, "eos_token_id": 1, **kwargs, **overrides}
+    return getattr(transformers, class_name)(**kwargs)
+
+
+def save_tiny_classifier(
+    path: Path, variant: str = "gqa", seed: int = 0, family: str = "llama", **overrides
+):
+    """A random `*ForSequenceClassification` of `family` (random biases and norm weights too)
+    saved as safetensors."""
     import torch
-    from transformers import LlamaForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
-    model = LlamaForSequenceClassification(tiny_llama_config(variant, **overrides)).eval()
+    config = tiny_config(family, variant, **overrides)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:

@@ -14,7 +14,7 @@ from jaxrm.backends import (
 from jaxrm.config import load_config_file
 from jaxrm.dtypes import COMPUTE_DTYPES
 from jaxrm.errors import UserError
-from jaxrm.models.llama import ATTENTION_IMPLEMENTATIONS
+from jaxrm.models.attention import ATTENTION_IMPLEMENTATIONS
 from tests.test_score import assert_one_line_error
 from tests.test_train_cli import run_train
 
@@ -29,7 +29,7 @@ LLAMA_8B_HEAD_DIM = 128
         ("gpu", TINY_HEAD_DIM, ("bfloat16", "cudnn")),
         ("gpu", LLAMA_8B_HEAD_DIM, ("bfloat16", "cudnn")),
         ("gpu", None, ("bfloat16", "cudnn")),
-        ("tpu", LLAMA_8B_HEAD_DIM, ("bfloat16", "flash")),
+        ("tpu", LLAMA_8B_HEAD_DIM, ("bfloat16", "splash")),
         ("METAL", LLAMA_8B_HEAD_DIM, ("float32", "flash")),  # a backend the table does not name
     ],
 )

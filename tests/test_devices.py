@@ -204,3 +204,20 @@ def test_attention_probe_compares_with_xla(monkeypatch):
 
     monkeypatch.setattr(devices, "attend", off_by_ten_percent)
     assert devices.attention_probe("flash").startswith("runs but differs from XLA by 0.1")
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma2"])
+def test_report_reads_any_familys_config_json(capsys, tmp_path, family):
+    from tests.hf_reference import tiny_config
+
+    (tmp_path / "config.json").write_text(tiny_config(family).to_json_string())
+    lines = report_lines(
+        capsys,
+        "--config",
+        "configs/tiny.py",
+        f"--config.model_name_or_path={tmp_path}",
+        "--config.mesh.tensor=2",
+    )
+    sharding = line_starting(lines, "config: sharding:")
+    assert sharding.endswith(f"(architecture: {tmp_path / 'config.json'})")
+    assert line_starting(lines, "config: float32 compute, flash attention")

@@ -37,18 +37,14 @@ def conversations(n=6):
     return [r[k] for r in rows for k in ("chosen", "rejected")]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A "trained" run dir: perturbed sharded params + AdamW state saved at step 3, with meta."""
+def save_trained_run(run, model_dir, mesh):
+    """A "trained" run dir of `model_dir`'s model: perturbed sharded params + AdamW state saved at
+    step 3, with meta; returns (run, tokenizer, token ids, jaxrm's rewards of them)."""
     from transformers import AutoTokenizer
 
-    run = tmp_path_factory.mktemp("run")
     tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
     tokenizer.save_pretrained(run / "tokenizer")
-    mesh = make_mesh(1, 4, 2)
-    model, hf_config, _ = load_reward_model(
-        str(TINY_MODEL_DIR), mesh, min_vocab_size=len(tokenizer)
-    )
+    model, hf_config, _ = load_reward_model(str(model_dir), mesh, min_vocab_size=len(tokenizer))
     graphdef, state = nnx.split(model)
     rng = np.random.default_rng(0)
     state = jax.tree.map(
@@ -75,12 +71,17 @@ def trained(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return save_trained_run(tmp_path_factory.mktemp("run"), TINY_MODEL_DIR, make_mesh(1, 4, 2))
+
+
+@pytest.fixture(scope="module")
 def exported(trained, tmp_path_factory):
     run = trained[0]
     return export_checkpoint(run, tmp_path_factory.mktemp("out") / "hf", dtype="float32")[0]
 
 
-def torch_rewards(path, ids, pad_id, **kwargs):
+def torch_rewards(path, ids, pad_id, exported_class=LLAMA.exported_class, **kwargs):
     """transformers' rewards: logits[:, 0] of right-padded rows (it reads the last non-pad)."""
     import torch
     from transformers import AutoModelForSequenceClassification
@@ -89,7 +90,7 @@ def torch_rewards(path, ids, pad_id, **kwargs):
         path, output_loading_info=True, **kwargs
     )
     assert all(not v for v in info.values()), info  # no missing/unexpected/mismatched keys
-    assert model.config.num_labels == 1 and type(model).__name__ == LLAMA.exported_class
+    assert model.config.num_labels == 1 and type(model).__name__ == exported_class
     width = max(map(len, ids))
     batch = torch.full((len(ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)

@@ -110,20 +110,45 @@ def test_the_command_list_names_real_modules():
         assert (PACKAGE_DIR.parent / f"{name.replace('.', '/')}.py").is_file(), name
 
 
-# A model family is the business of jaxrm/models/: the rest of the package reaches it through
-# jaxrm.models.families (config.json -> model config, tensor names, exported class, backbone).
-FAMILY_NAMES = ("llama_config_from_hf", "LlamaModel", "LlamaConfig")
+# A model family is the business of jaxrm/models/: the rest of the package reaches it only
+# through the family-neutral modules (the registry, the family interface, the reward head, the
+# attention kernels and remat policies), and names no family.
+NEUTRAL_MODULES = frozenset(
+    f"jaxrm.models.{name}" for name in ("families", "family", "reward", "attention", "remat")
+)
+FAMILY_WORDS = ("llama", "qwen", "mistral", "olmo", "gemma", "phi")
 
 
 def family_offences(module: str, tree: ast.AST) -> list[tuple[int, str]]:
-    """(line, name) of each import of family-specific code by a module outside jaxrm.models."""
+    """(line, name) of each import of family-specific code, and each identifier naming a family,
+    in a module outside jaxrm.models."""
     if module.startswith("jaxrm.models"):
         return []
-    return [
+    found = [
         (line, name)
         for line, name in imported_names(module, tree)
-        if name.startswith("jaxrm.models.llama") or name.rsplit(".", 1)[-1] in FAMILY_NAMES
+        if name.startswith("jaxrm.models.")
+        and not any(name == m or name.startswith(m + ".") for m in NEUTRAL_MODULES)
     ]
+    found += [
+        (node.lineno, ident)
+        for node in ast.walk(tree)
+        for ident in identifiers(node)
+        if any(word in ident.lower() for word in FAMILY_WORDS)
+    ]
+    return found
+
+
+def identifiers(node: ast.AST) -> list[str]:
+    if isinstance(node, ast.Name):
+        return [node.id]
+    if isinstance(node, ast.Attribute):
+        return [node.attr]
+    if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+        return [node.name]
+    if isinstance(node, ast.alias):
+        return [node.asname or node.name]
+    return []
 
 
 def test_no_module_outside_models_imports_a_family():
@@ -132,16 +157,25 @@ def test_no_module_outside_models_imports_a_family():
 
 def test_the_family_reader_sees_each_family_import():
     source = """
-import jaxrm.models.llama
+import jaxrm.models.decoder
 from jaxrm.hf import llama_config_from_hf
 from jaxrm.models.attention import ATTENTION_IMPLEMENTATIONS
+from jaxrm.models.families import family_of
+from jaxrm.models import qwen_hf
 def f():
-    from jaxrm.models.reward import LlamaModel, RewardModel
+    from jaxrm.models.reward import RewardModel
+    from jaxrm.models.gemma_hf import GEMMA2
+    return config.is_olmo
 """
     found = {name for _, name in family_offences("jaxrm.train", ast.parse(source))}
     assert found == {
-        "jaxrm.models.llama",
-        "jaxrm.hf.llama_config_from_hf",
-        "jaxrm.models.reward.LlamaModel",
+        "jaxrm.models.decoder",
+        "llama_config_from_hf",
+        "jaxrm.models.qwen_hf",
+        "qwen_hf",
+        "jaxrm.models.gemma_hf",
+        "jaxrm.models.gemma_hf.GEMMA2",
+        "GEMMA2",
+        "is_olmo",
     }
     assert family_offences("jaxrm.models.reward", ast.parse(source)) == []

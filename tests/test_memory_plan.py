@@ -117,3 +117,22 @@ def test_largest_fitting_search(start, budget, expected):
     found = largest_fitting(peak_of, budget, start=start)
     assert found == (None if expected is None else (expected, 8 + 8 * expected))
     assert len(tried) == len(set(tried)) <= 12
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma2"])
+def test_a_plan_reads_any_familys_config_json(tmp_path, family):
+    """A Qwen3 or Gemma 2 config.json plans the family's model: its parameters are those of
+    transformers' classifier (tied embeddings, q/k norms, four norms per layer)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tests.hf_reference import tiny_config
+
+    config = tiny_config(family)
+    (tmp_path / "config.json").write_text(config.to_json_string())
+    reference = AutoModelForSequenceClassification.from_config(config)
+    cfg = get_config(
+        ["--config", "configs/tiny.py", "--config.mesh.data=8", "--config.mesh.fsdp=1"]
+    )
+    result = plan(cfg, jax.devices(), model_config=str(tmp_path / "config.json"))
+    assert result["parameter_bytes"] == 4 * sum(p.numel() for p in reference.parameters())
+    assert result["per_device_bytes"] > 0

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from jaxrm.hf import load_reward_model
-from jaxrm.models.llama import LlamaConfig
+from jaxrm.models.decoder import DecoderConfig
 from jaxrm.models.reward import RewardModel
 from jaxrm.sharding import make_mesh
 from tests.hf_reference import (
@@ -87,7 +87,7 @@ def test_sharded_forward_equals_single_device(tmp_path, mesh_shape):
 
 def test_score_head_init_statistics():
     d = 4096
-    config = LlamaConfig(
+    config = DecoderConfig(
         vocab_size=8,
         hidden_size=d,
         intermediate_size=8,

@@ -7,9 +7,14 @@ from typing import Any
 
 from jaxrm.errors import UserError
 from jaxrm.models.family import Family, ModelConfig
+from jaxrm.models.gemma_hf import GEMMA2, GEMMA3
 from jaxrm.models.llama_hf import LLAMA
+from jaxrm.models.mistral_hf import MISTRAL
+from jaxrm.models.olmo2_hf import OLMO2
+from jaxrm.models.qwen_hf import QWEN2, QWEN3
 
-FAMILIES: tuple[Family, ...] = (LLAMA,)
+# Dense decoders only: mixture-of-experts families (qwen3_moe, olmoe, mixtral) are not read.
+FAMILIES: tuple[Family, ...] = (LLAMA, QWEN2, QWEN3, MISTRAL, OLMO2, GEMMA2, GEMMA3)
 
 
 def supported_model_types() -> list[str]:
@@ -36,6 +41,12 @@ def family_named(name: str) -> Family:
     raise ValueError(f"no model family {name!r}")
 
 
+def flat_config(hf_config: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
+    """The config.json a family's model reads (a multimodal checkpoint's text model, flat)."""
+    return family_of(hf_config, where).flat_config(hf_config)
+
+
 def model_config_from_hf(hf_config: dict[str, Any], **execution: Any) -> ModelConfig:
     """The model config of a config.json, by its family's adapter."""
-    return family_of(hf_config).config_from_hf(hf_config, **execution)
+    family = family_of(hf_config)
+    return family.config_from_hf(family.flat_config(hf_config), **execution)

@@ -20,7 +20,7 @@ class ModelConfig(Protocol):
     hidden_size: int
     num_hidden_layers: int
     head_dim: int
-    attention: str
+    attention: Any  # an implementation name, or a `jaxrm.models.attention.Choice` per mask kind
 
     def replace(self, **changes: Any) -> ModelConfig: ...
 
@@ -45,8 +45,10 @@ class Family:
     """One model family: `config_from_hf(config.json dict, **execution)` -> its model config
     (execution: dtype, param_dtype, remat_policy, attention, attention_block_size);
     `tensor_map(config, prefix)` -> where each HF tensor (backbone under `prefix`) lives;
-    `exported_class`: the `architectures` entry of an export; `backbone(config, rngs=...)`: the
-    module that maps token ids to final-norm hidden states."""
+    `exported_class`: the `architectures` entry of an export (a flat config of `model_types[0]`);
+    `backbone(config, rngs=...)`: the module that maps token ids to final-norm hidden states;
+    `flat_config(config.json dict)`: the config.json its model reads and an export writes (a
+    multimodal checkpoint's text model as a flat config; most families: unchanged)."""
 
     name: str
     model_types: tuple[str, ...]  # config.json `model_type`s it reads
@@ -54,3 +56,4 @@ class Family:
     tensor_map: Callable[[ModelConfig, str], list[TensorMap]]
     exported_class: str
     backbone: Callable[..., nnx.Module]
+    flat_config: Callable[[dict[str, Any]], dict[str, Any]] = dict

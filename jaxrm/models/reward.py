@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxrm.models.attention import padded_rows_as_segments
 from jaxrm.models.families import family_named
 from jaxrm.models.family import ModelConfig
 
@@ -53,7 +54,7 @@ class RewardModel(nnx.Module):
         """input_ids, attention_mask: [B, T] (right padding) -> rewards [B] float32."""
         input_ids = jnp.where(attention_mask > 0, input_ids, 0)
         segments = {}
-        if self.config.attention == "flash":  # padding is a segment of its own: blocks skipped
+        if padded_rows_as_segments(self.config.attention):  # padding apart: its blocks skipped
             segments = {"segment_ids": (attention_mask > 0).astype(jnp.int32)}
         hidden = self.model(input_ids, **segments)
         last = last_token_indices(attention_mask)
@@ -65,9 +66,10 @@ class RewardModel(nnx.Module):
         input_ids: jax.Array,
         positions: jax.Array,
         segment_ids: jax.Array,
-        branch_ids: jax.Array,
+        branch_ids: jax.Array | None,
     ) -> jax.Array:
         """Packed rows [B, T] -> the score head at every token [B, T] float32; a sequence's
-        reward is the score at its last token (jaxrm/data/packing.py says where)."""
+        reward is the score at its last token (jaxrm/data/packing.py says where). `branch_ids`
+        None: no prompt is shared (the `segments` mask kind, not `tree`)."""
         hidden = self.model(input_ids, positions, segment_ids, branch_ids)
         return self.score(hidden.astype(jnp.float32))[..., 0]

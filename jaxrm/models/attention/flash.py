@@ -18,6 +18,7 @@ data-dependent trip count costs a host sync per block, which is why they have ke
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,11 +40,28 @@ def flash_packed(
     """The table's entry for packed rows (see the module docstring)."""
     if q.shape[1] % block:
         raise ValueError(f"packed length {q.shape[1]} is not a multiple of the block {block}")
+    kernel = functools.partial(flash_attention, logits=logits, block=block)
+    return per_device(kernel, q, k, v, mask, mesh, specs)
+
+
+def per_device(
+    kernel: Callable[..., jax.Array],
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: Mask,
+    mesh: jax.sharding.Mesh | None,
+    specs: tuple[PartitionSpec, PartitionSpec, PartitionSpec] | None,
+) -> jax.Array:
+    """`kernel(q, k, v, segment_ids, branch_ids, positions, window)` on the mask's arrays (no
+    branches: zeros; no segments: one segment per row), per device on its own rows under a mesh
+    (`shard_map` by the q/kv/row `specs`)."""
     rows = mask.segment_ids
+    if rows is None:
+        rows = jnp.ones(q.shape[:2], jnp.int32)
     branch_ids = jnp.zeros_like(rows) if mask.branch_ids is None else mask.branch_ids
     positions = mask.token_positions(rows.shape)
     window = mask.window_size()
-    kernel = functools.partial(flash_attention, logits=logits, block=block)
     if mesh is None or specs is None:
         return kernel(q, k, v, rows, branch_ids, positions, window)
     q_spec, kv_spec, row_spec = specs

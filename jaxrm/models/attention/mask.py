@@ -15,7 +15,7 @@ after the chosen rest, so its distance in the row to the prompt is longer than i
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,12 +26,15 @@ NO_WINDOW = 2**30  # the window of a global layer in a model whose other layers 
 class Mask(NamedTuple):
     """The rule's inputs. No `segment_ids`: right-padded rows (causal). No `branch_ids`: packed
     rows without prefix sharing. No `positions`: the row index. No `window`: none; a window may be
-    a traced int32 scalar (a per-layer input of the layer scan)."""
+    a traced int32 scalar (a per-layer input of the layer scan). `prepared`: what an
+    implementation computed from the others once per forward pass (`prepare_mask`: a dense mask,
+    a kernel's block map), never part of the rule."""
 
     segment_ids: jax.Array | None = None
     branch_ids: jax.Array | None = None
     positions: jax.Array | None = None
     window: jax.Array | int | None = None
+    prepared: Any = None
 
     @property
     def kind(self) -> str:
@@ -85,6 +88,30 @@ def allowed_pairs(mask: Mask, shape: tuple[int, int]) -> jax.Array:
         br_q, br_k = mask.branch_ids[:, :, None], mask.branch_ids[:, None, :]
         allowed = allowed & ((br_k == 0) | (br_k == br_q))
     if mask.window is not None:
-        pos = mask.token_positions(shape)
-        allowed = allowed & (pos[:, :, None] - pos[:, None, :] < mask.window_size())
+        allowed = allowed & window_pairs(mask, shape)
     return allowed
+
+
+def dense_mask(mask: Mask, shape: tuple[int, int]) -> jax.Array:
+    """[B, T, T] bool for kernels that take the mask as an array: the rule without its window
+    (a per-layer value, applied in the layer), and each padding query reading itself, so no row
+    is empty (a softmax over nothing); the kernel's caller zeroes those queries' output."""
+    allowed = allowed_pairs(mask._replace(window=None), shape)
+    if mask.segment_ids is None:
+        return allowed
+    padding = (mask.segment_ids == 0)[:, :, None]
+    return allowed | (padding & jnp.eye(shape[1], dtype=bool)[None])
+
+
+def window_pairs(mask: Mask, shape: tuple[int, int]) -> jax.Array:
+    """[B, T, T] bool: the pairs within the mask's window, by position (all without one)."""
+    pos = mask.token_positions(shape)
+    return pos[:, :, None] - pos[:, None, :] < mask.window_size()
+
+
+def zero_padding(out: jax.Array, mask: Mask) -> jax.Array:
+    """`out` [B, T, ...] with padding queries (segment 0) set to 0, as the rule has them."""
+    if mask.segment_ids is None:
+        return out
+    real = (mask.segment_ids > 0).reshape(*mask.segment_ids.shape, *(1,) * (out.ndim - 2))
+    return jnp.where(real, out, jnp.zeros((), out.dtype))
