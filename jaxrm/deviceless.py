@@ -19,10 +19,12 @@ imported.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +160,22 @@ def target_devices(target: str, count: int) -> list[Any]:
         topology=f"1x1x{count}",
     )
     return list(topology.devices)
+
+
+@contextlib.contextmanager
+def traced_for(target: str) -> Iterator[None]:
+    """While tracing for `target`, `jax.default_backend()` answers the target's backend (gpu,
+    tpu), not the host's cpu: code that picks a kernel by backend (Pallas' interpret mode off a
+    GPU) picks what the target runs. Not a target (the host's `cpu`): nothing changes."""
+    import jax
+
+    if target not in TARGETS:
+        yield
+        return
+    backend = TARGETS[target].backend
+    host = jax.default_backend
+    jax.default_backend = lambda: backend
+    try:
+        yield
+    finally:
+        jax.default_backend = host

@@ -22,23 +22,25 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from jaxrm.models.attention import Mask
+    from jaxrm.models.attention import Features, Mask
 
 MASK_KINDS = ("causal", "segments", "tree")
-# the batch layout each mask kind comes from (the backends table's needs are by layout)
-KIND_LAYOUT = {"causal": "padded", "segments": "packed", "tree": "packed"}
 MAX_MISSES = 16  # pairs drawn that do not fit before a row is closed
 
 
-def implementations(kind: str, backend: str, dtype: str, head_dim: int) -> list[str]:
-    """What the attention table runs for `kind` on `backend` at this dtype and head_dim."""
-    from jaxrm.backends import attention_misfit
-    from jaxrm.models.attention import KERNELS
+def implementations(
+    kind: str, backend: str, dtype: str, head_dim: int, features: Features | None = None
+) -> list[str]:
+    """What the attention table runs for `kind` masks on `backend` at this dtype and head_dim
+    (and these model features: soft-cap, window)."""
+    from jaxrm.models.attention import IMPLEMENTATIONS, Features
 
+    features = features or Features()
     return [
         name
-        for name in KERNELS[kind]
-        if attention_misfit(name, backend, dtype, head_dim, KIND_LAYOUT[kind]) is None
+        for name, implementation in IMPLEMENTATIONS.items()
+        if implementation.misfit(kind, features, backend=backend, dtype=dtype, head_dim=head_dim)
+        is None
     ]
 
 
