@@ -127,14 +127,16 @@ def target_config(target: str) -> str:
 
 
 def tpu_topology(count: int, dims: int) -> str:
-    """A slice's topology for `count` chips (a power of two, at least 4): the factors of two dealt
-    round the dimensions, e.g. 16 -> 4x4 (2D) or 2x2x4 (3D)."""
+    """A slice's topology for `count` chips (a power of two, at least 4), in libtpu's shapes: one
+    host's 2x2 first, then doubling the sides in turn (2D: 2x4, 4x4, 4x8, ...; 3D: 2x2x2, 2x2x4,
+    2x4x4, 4x4x4, 4x4x8, ...)."""
     if count < 4 or count & (count - 1):
         raise UserError(f"--devices must be a power of two >= 4 for a TPU target, got {count}")
-    sides = [1] * dims
-    for i in range(count.bit_length() - 1):
-        sides[i % dims] *= 2
-    return "x".join(map(str, sorted(sides)))
+    sides = [2, 2] + [1] * (dims - 2)
+    turns = [1, 0] * 16 if dims == 2 else [2, 2, 1, 0] + [2, 1, 0] * 10  # which side doubles
+    for i in range(count.bit_length() - 3):
+        sides[turns[i]] *= 2
+    return "x".join(map(str, sides))
 
 
 def target_devices(target: str, count: int) -> list[Any]:

@@ -90,5 +90,7 @@ def test_attention_and_memory_plan_for_a_tpu_slice():
 
 
 def test_tpu_topologies():
-    assert [tpu_topology(n, 2) for n in (4, 8, 16, 64)] == ["2x2", "2x4", "4x4", "8x8"]
-    assert [tpu_topology(n, 3) for n in (4, 16, 64)] == ["1x2x2", "2x2x4", "4x4x4"]
+    assert [tpu_topology(n, 2) for n in (4, 8, 16, 32, 64)] == ["2x2", "2x4", "4x4", "4x8", "8x8"]
+    assert [tpu_topology(n, 3) for n in (4, 8, 16, 32, 64, 128)] == [
+        "2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8"
+    ]  # fmt: skip
