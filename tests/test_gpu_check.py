@@ -93,11 +93,18 @@ def test_attention_check_fails_a_kernel_that_breaks_the_rule(monkeypatch):
     from attention_check import check_one
     from attention_inputs import chat_rows, random_inputs
 
-    from jaxrm.models.attention import KERNELS, Mask, reference_attention
+    from jaxrm.models.attention import (
+        IMPLEMENTATIONS,
+        KERNELS,
+        Implementation,
+        Mask,
+        reference_attention,
+    )
 
     def broken(q, k, v, mask, logits, *_):
         return reference_attention(q, k, v, Mask(mask.segment_ids, None, mask.positions), logits)
 
+    monkeypatch.setitem(IMPLEMENTATIONS, "broken", Implementation("broken", {"tree": broken}))
     monkeypatch.setitem(KERNELS["tree"], "broken", broken)
     ids = chat_rows("tree", 2, 128, seed=0)
     args = type("Args", (), {"rows": 2, "length": 128, "heads": 2, "kv_heads": 1, "head_dim": 16,
