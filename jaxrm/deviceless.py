@@ -101,6 +101,8 @@ def use_plugin(target: str) -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"  # the host's backend; the targets' devices compile only
     if plugin == "tpu":
         os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no cloud metadata server to ask
+        # libtpu's lockfile guards a TPU chip; compiles only: let two processes load it
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         return
     nvcc = site / "nvidia" / "cuda_nvcc"
     os.environ["PATH"] = f"{nvcc / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
