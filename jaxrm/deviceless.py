@@ -19,10 +19,12 @@ imported.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +101,8 @@ def use_plugin(target: str) -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"  # the host's backend; the targets' devices compile only
     if plugin == "tpu":
         os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no cloud metadata server to ask
+        # libtpu's lockfile guards a TPU chip; compiles only: let two processes load it
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         return
     nvcc = site / "nvidia" / "cuda_nvcc"
     os.environ["PATH"] = f"{nvcc / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -125,14 +129,16 @@ def target_config(target: str) -> str:
 
 
 def tpu_topology(count: int, dims: int) -> str:
-    """A slice's topology for `count` chips (a power of two, at least 4): the factors of two dealt
-    round the dimensions, e.g. 16 -> 4x4 (2D) or 2x2x4 (3D)."""
+    """A slice's topology for `count` chips (a power of two, at least 4), in libtpu's shapes: one
+    host's 2x2 first, then doubling the sides in turn (2D: 2x4, 4x4, 4x8, ...; 3D: 2x2x2, 2x2x4,
+    2x4x4, 4x4x4, 4x4x8, ...)."""
     if count < 4 or count & (count - 1):
         raise UserError(f"--devices must be a power of two >= 4 for a TPU target, got {count}")
-    sides = [1] * dims
-    for i in range(count.bit_length() - 1):
-        sides[i % dims] *= 2
-    return "x".join(map(str, sorted(sides)))
+    sides = [2, 2] + [1] * (dims - 2)
+    turns = [1, 0] * 16 if dims == 2 else [2, 2, 1, 0] + [2, 1, 0] * 10  # which side doubles
+    for i in range(count.bit_length() - 3):
+        sides[turns[i]] *= 2
+    return "x".join(map(str, sides))
 
 
 def target_devices(target: str, count: int) -> list[Any]:
@@ -158,3 +164,22 @@ def target_devices(target: str, count: int) -> list[Any]:
         topology=f"1x1x{count}",
     )
     return list(topology.devices)
+
+
+@contextlib.contextmanager
+def traced_for(target: str) -> Iterator[None]:
+    """While tracing for `target`, `jax.default_backend()` answers the target's backend (gpu,
+    tpu), not the host's cpu: code that picks a kernel by backend (Pallas' interpret mode off a
+    GPU) picks what the target runs. Not a target (the host's `cpu`): nothing changes."""
+    import jax
+
+    if target not in TARGETS:
+        yield
+        return
+    backend = TARGETS[target].backend
+    host = jax.default_backend
+    jax.default_backend = lambda: backend
+    try:
+        yield
+    finally:
+        jax.default_backend = host

@@ -56,7 +56,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxrm.backends import AUTO, Execution, compiled_by
 from jaxrm.config import get_config
 from jaxrm.data.batch import FIELDS, PACKED_FIELDS, Field, batch_shardings, field_shapes
-from jaxrm.deviceless import TARGETS, target_devices, target_named
+from jaxrm.deviceless import TARGETS, target_devices, target_named, traced_for
 from jaxrm.errors import UserError, exit_on_user_error
 from jaxrm.hf import model_architecture
 from jaxrm.hf import read_config_file as read_model_config
@@ -94,9 +94,11 @@ class Piece:
         return self.arguments + self.outputs + self.temporaries - self.aliased
 
 
-def compile_piece(name: str, jitted, *args: Any) -> Piece:
+def compile_piece(name: str, jitted, *args: Any, target: str = HOST) -> Piece:
     started = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
+    with traced_for(target):
+        lowered = jitted.lower(*args)
+    compiled = lowered.compile()
     seconds = time.perf_counter() - started
     stats = compiled.memory_analysis()
     return Piece(
@@ -184,8 +186,10 @@ def plan(
         shapes = field_shapes(PACKED_FIELDS, {**sizes, "slots": run.pack.slots})
         micro = batch_structs(PACKED_FIELDS, shapes, mesh)
         pieces = [
-            compile_piece("accumulate", step.accumulate, params, params, sums, micro, scalar),
-            compile_piece("apply", step.apply, state, params, sums, votes),
+            compile_piece(
+                "accumulate", step.accumulate, params, params, sums, micro, scalar, target=target
+            ),
+            compile_piece("apply", step.apply, state, params, sums, votes, target=target),
         ]
         resident = {"accumulate": per_device_bytes(opt_state), "apply": 0}
         batch = {"pack_length": length, "pack_rows_per_device": rows}
@@ -194,7 +198,8 @@ def plan(
         k, t = cfg.gradient_accumulation_steps, cfg.max_token_length
         sizes = {"micro": k, "rows": 2 * micro_pairs, "pairs": micro_pairs, "length": t}
         shapes = field_shapes(FIELDS, sizes)
-        pieces = [compile_piece("step", step, state, batch_structs(FIELDS, shapes, mesh), votes)]
+        batch_args = (state, batch_structs(FIELDS, shapes, mesh), votes)
+        pieces = [compile_piece("step", step, *batch_args, target=target)]
         resident = {"step": 0}
         per_device = micro_pairs // dp
         batch = {"per_device_train_batch_size": per_device, "max_token_length": t}

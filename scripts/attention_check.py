@@ -6,11 +6,11 @@ on this machine's default device: values and gradients, float32 and bfloat16, pe
 
 For each mask kind (`causal`, `segments`, `tree`, on chat-like rows of scripts/attention_inputs.py,
 with padding) and each implementation `KERNELS[kind]` holds that the backends table lets run here
-(`jaxrm.backends.attention_misfit`), in each dtype and each family feature (plain; a sliding
-window of 96 positions; Gemma 2's soft-cap 50 with scale 0.1): the output and the gradients of
-sum(out * cotangent) with respect to q, k and v, against `reference_attention` run in float32 at
-the highest matmul precision on the same (dtype-rounded) inputs. An implementation that refuses a
-feature (ValueError while tracing) is listed as `refused`, not failed.
+(`jaxrm.backends.attention_misfit`), in each dtype and each family feature (plain; a sliding window
+of length/16 positions; Gemma 2's soft-cap 50 with scale 0.1): the output and the gradients of
+sum(out * cotangent) with respect to q, k and v, against `reference_attention` run in float32 at the
+highest matmul precision on the same (dtype-rounded) inputs. A feature the table says an
+implementation cannot express (`Implementation.misfit`) is listed as `refused`, not run.
 
 Error: max |x - ref| / max(1, max |ref|) per tensor. Tolerances: float32 2e-2 (a GPU's float32
 matmuls may run as TF32, 10-bit mantissa), bfloat16 6e-2 (8-bit mantissa, scores and outputs
@@ -34,14 +34,20 @@ from attention_inputs import (
     random_inputs,
 )
 
-from jaxrm.models.attention import Logits, attend, reference_attention
+from jaxrm.models.attention import (
+    IMPLEMENTATIONS,
+    Features,
+    Logits,
+    attend,
+    reference_attention,
+)
 
 TOLERANCE = {"float32": 2e-2, "bfloat16": 6e-2}
-WINDOW = 96
-FEATURES = {  # name -> (window, softcap, scale or None: 1/sqrt(head_dim))
-    "plain": (None, None, None),
-    "window": (WINDOW, None, None),
-    "softcap": (None, 50.0, 0.1),
+WINDOW_SHARE = 16  # the sliding window: 1/16 of the row length in positions
+FEATURES = {  # name -> (sliding window?, softcap, scale or None: 1/sqrt(head_dim))
+    "plain": (False, None, None),
+    "window": (True, None, None),
+    "softcap": (False, 50.0, 0.1),
 }
 
 
@@ -51,9 +57,10 @@ def relative_error(x: jax.Array, ref: jax.Array) -> float:
 
 
 def check_one(kind, implementation, dtype, feature, inputs, ids, head_dim, cache: dict) -> dict:
-    window, softcap, scale = FEATURES[feature]
+    slides, softcap, scale = FEATURES[feature]
     logits = Logits(scale or head_dim**-0.5, softcap)
-    mask = make_mask(kind, ids, window)
+    length = inputs[0].shape[1]
+    mask = make_mask(kind, ids, length // WINDOW_SHARE if slides else None)
     q, k, v, cotangent = (x.astype(dtype) for x in inputs)
 
     def grads(fn):
@@ -72,10 +79,11 @@ def check_one(kind, implementation, dtype, feature, inputs, ids, head_dim, cache
             return reference_attention(*f32, mask, logits)
 
     row = {"kind": kind, "implementation": implementation, "dtype": dtype, "feature": feature}
-    try:
-        (dq, dk, dv), out = grads(ours)(q, k, v, cotangent, mask)
-    except ValueError as e:
-        return {**row, "status": "refused", "reason": str(e).splitlines()[0]}
+    features = Features(softcap=softcap is not None, window=slides)
+    refusal = IMPLEMENTATIONS[implementation].misfit(kind, features)
+    if refusal is not None:
+        return {**row, "status": "refused", "reason": refusal}
+    (dq, dk, dv), out = grads(ours)(q, k, v, cotangent, mask)
     if (kind, dtype, feature) not in cache:
         cache[kind, dtype, feature] = grads(reference)(q, k, v, cotangent, mask)
     ref_grads, ref_out = cache[kind, dtype, feature]

@@ -37,7 +37,7 @@ def compile_all(args: argparse.Namespace) -> dict:
     from attention_inputs import MASK_KINDS, implementations
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from jaxrm.deviceless import target_devices, target_named
+    from jaxrm.deviceless import target_devices, target_named, traced_for
     from jaxrm.models.attention import Logits, Mask, attend
 
     target = target_named(args.target)
@@ -80,7 +80,9 @@ def compile_all(args: argparse.Namespace) -> dict:
 
             started = time.perf_counter()
             step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-            compiled = step.lower(q, kv, kv, cotangent, masks[kind]).compile()
+            with traced_for(args.target):
+                lowered = step.lower(q, kv, kv, cotangent, masks[kind])
+            compiled = lowered.compile()
             seconds = time.perf_counter() - started
             text = compiled.as_text()
             memory = compiled.memory_analysis()

@@ -4,11 +4,11 @@ the attention table holds for a backend, and the live (allowed) query-key pairs.
 
 Rows of `length` tokens are filled in order with pairs as training packs them: log-normal prompt
 (median ~70 tokens) and responses (median ~130 each, sigma 0.8; the Tulu-like mix of
-scripts/bench.py). With prefix sharing (`tree`) a pair is one group [prompt][chosen][rejected]
-whose rests restart their positions after the prompt; without it (`segments`) a pair is two
-sequences, prompt + chosen and prompt + rejected. A row is closed after 16 pairs in a row that do
-not fit in what is left; the rest is padding. `causal` rows are
-right-padded single sequences of the same lengths (prompt + chosen), one per row.
+scripts/bench.py; scaled down for rows shorter than 1024 tokens). With prefix sharing (`tree`) a
+pair is one group [prompt][chosen][rejected] whose rests restart their positions after the prompt;
+without it (`segments`) a pair is two sequences, prompt + chosen and prompt + rejected. A row is
+closed after 16 pairs in a row that do not fit in what is left; the rest is padding. `causal` rows
+are right-padded single sequences of the same lengths (prompt + chosen), one per row.
 
 JAX is imported only when a function needs it (scripts/attention_compile.py sets up the CUDA
 plugin first).
@@ -22,43 +22,52 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from jaxrm.models.attention import Mask
+    from jaxrm.models.attention import Features, Mask
 
 MASK_KINDS = ("causal", "segments", "tree")
-# the batch layout each mask kind comes from (the backends table's needs are by layout)
-KIND_LAYOUT = {"causal": "padded", "segments": "packed", "tree": "packed"}
 MAX_MISSES = 16  # pairs drawn that do not fit before a row is closed
 
 
-def implementations(kind: str, backend: str, dtype: str, head_dim: int) -> list[str]:
-    """What the attention table runs for `kind` on `backend` at this dtype and head_dim."""
-    from jaxrm.backends import attention_misfit
-    from jaxrm.models.attention import KERNELS
+def implementations(
+    kind: str, backend: str, dtype: str, head_dim: int, features: Features | None = None
+) -> list[str]:
+    """What the attention table runs for `kind` masks on `backend` at this dtype and head_dim
+    (and these model features: soft-cap, window)."""
+    from jaxrm.models.attention import IMPLEMENTATIONS, Features
 
+    features = features or Features()
     return [
         name
-        for name in KERNELS[kind]
-        if attention_misfit(name, backend, dtype, head_dim, KIND_LAYOUT[kind]) is None
+        for name, implementation in IMPLEMENTATIONS.items()
+        if implementation.misfit(kind, features, backend=backend, dtype=dtype, head_dim=head_dim)
+        is None
     ]
 
 
-def pair_lengths(rng: np.random.Generator) -> tuple[int, int, int]:
-    prompt, chosen, rejected = np.exp(rng.normal(np.log([70, 130, 130]), 0.8)).astype(int) + 1
+def pair_lengths(rng: np.random.Generator, scale: float) -> tuple[int, int, int]:
+    medians = np.log(np.array([70, 130, 130]) * scale)
+    prompt, chosen, rejected = np.exp(rng.normal(medians, 0.8)).astype(int) + 1
     return int(prompt), int(chosen), int(rejected)
+
+
+def length_scale(length: int) -> float:
+    """The Tulu-like mix for rows of 1024 tokens and more; shorter rows (tests, dry runs) get
+    proportionally shorter pairs, so that they hold some."""
+    return min(1.0, length / 1024)
 
 
 def chat_rows(kind: str, rows: int, length: int, seed: int) -> dict[str, np.ndarray]:
     """[rows, length] int32 `segment_ids`, `branch_ids` and `positions` of one mask kind (see the
     module's docstring); `causal` has `lengths` [rows] instead."""
-    rng = np.random.default_rng(seed)
+    rng, scale = np.random.default_rng(seed), length_scale(length)
     if kind == "causal":
-        lengths = [min(length, sum(pair_lengths(rng)[:2])) for _ in range(rows)]
+        lengths = [min(length, sum(pair_lengths(rng, scale)[:2])) for _ in range(rows)]
         return {"lengths": np.array(lengths, np.int32)}
     seg, branch, pos = (np.zeros((rows, length), np.int32) for _ in range(3))
     for row in range(rows):
         start, segment, misses = 0, 1, 0
         while misses < MAX_MISSES:
-            prompt, chosen, rejected = pair_lengths(rng)
+            prompt, chosen, rejected = pair_lengths(rng, scale)
             if kind == "tree":
                 pieces = [(prompt + chosen + rejected, [(0, prompt, 0), (prompt, chosen, 1),
                                                          (prompt, rejected, 2)])]  # fmt: skip

@@ -60,11 +60,11 @@ if [ "$mode" = "gpu" ]; then
     --kinds tree,segments,causal --repeats 5)
   bench_args=(--preset gpu-1b --sides jaxrm,reference)
   train_args=()
-  limits=(40 25 105 100 165 45)  # seconds (480 in all): install devices attention bench_attention
+  limits=(40 20 150 60 170 40)  # seconds (480 in all): install devices attention bench_attention
   # bench train
   if [ "${JAXRM_GPU_CHECK_FLEX:-0}" = 1 ]; then  # + PyTorch flex_attention on the tree mask
     bench_args=(--preset gpu-1b --sides jaxrm,reference,reference_flex)
-    limits[4]=255
+    limits[4]=250
   fi
 else
   py="${PYTHON:-.venv/bin/python}"

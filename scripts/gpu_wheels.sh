@@ -7,12 +7,14 @@
 #
 # It resolves jaxrm's dependencies for CPython 3.12 on manylinux x86-64 at the pins of
 # scripts/constraints.txt, with the image's JAX (GPU_JAX_VERSION, default 0.11.2) in place of
-# 0.10.2 and a flax that runs on it (GPU_FLAX_VERSION, default 0.12.10), then downloads (no other resolution) every pure-Python wheel of that set except jax, plus
-# the compiled wheels of the packages the image lacks (COMPILED_MISSING: read off the image's package
-# list, .library/device/KINDS.md, 2026-11-17; tensorstore and tokenizers: the image's are older than
-# jaxrm's pins allow, its tokenizers 0.23.2 needing huggingface-hub < 2, seen on an H100 2026-11-27).
-# gpu_check.sh then lets pip pick from the folder only
-# what the image lacks or has at a version outside jaxrm's ranges. About 30 MB.
+# 0.10.2 and a flax that runs on it (GPU_FLAX_VERSION, default 0.12.10), then downloads (no other
+# resolution) every wheel of that set but JAX's and the large compiled ones the image has
+# (LEFT_TO_THE_IMAGE: numpy, scipy, pyarrow, ...; read off the image's package list,
+# .library/device/KINDS.md, 2026-11-17). Small compiled ones are carried too: the image's may pin
+# what jaxrm needs newer (its tokenizers 0.23.2 wants huggingface-hub < 2, jaxrm >= 2.4), and
+# tensorstore (the image's 0.1.85 is below jaxrm's pin; seen on an H100, 2026-11-27).
+# gpu_check.sh then lets pip pick from the folder only what the image lacks or has at a version
+# outside jaxrm's ranges. About 40 MB.
 # The same thing by hand: `pip download --no-deps --only-binary=:all: --python-version 3.12
 #   --platform manylinux_2_28_x86_64 ... -d .gpu-wheels NAME==VERSION` for each wheel this prints.
 # Usage: scripts/gpu_wheels.sh [FOLDER]
@@ -24,7 +26,8 @@ jax_version="${GPU_JAX_VERSION:-0.11.2}"
 # flax 0.12.8 (the CPU pin) needs JAX < 0.11 (jax.experimental.hijax.HiPrimitive); 0.12.9+ needs
 # JAX >= 0.11.1
 flax_version="${GPU_FLAX_VERSION:-0.12.10}"
-COMPILED_MISSING="grain array-record pydantic-core tensorstore tokenizers"
+LEFT_TO_THE_IMAGE="jax jaxlib jaxrm numpy scipy pyarrow pandas matplotlib pillow ml-dtypes fonttools
+  contourpy kiwisolver"
 platforms=()
 for n in 2_17 2_24 2_27 2_28 2_31 2_34 2_35; do platforms+=(--platform "manylinux_${n}_x86_64"); done
 platforms+=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64)
@@ -38,19 +41,16 @@ printf 'jax==%s\njaxlib==%s\nflax==%s\n' "$jax_version" "$jax_version" "$flax_ve
   >> "$work/constraints.txt"
 "$python" -m pip install -q --dry-run --ignore-installed --report "$work/report.json" \
   --target "$work/unused" "${target[@]}" -c "$work/constraints.txt" .
-"$python" - "$work/report.json" "$COMPILED_MISSING" > "$work/wanted.txt" <<'PY'
+"$python" - "$work/report.json" "$LEFT_TO_THE_IMAGE" > "$work/wanted.txt" <<'PY'
 import json
 import re
 import sys
 
-report, compiled_missing = json.load(open(sys.argv[1])), set(sys.argv[2].split())
+report, left = json.load(open(sys.argv[1])), set(sys.argv[2].split())
 for item in report["install"]:
     name = re.sub(r"[-_.]+", "-", item["metadata"]["name"]).lower()
-    wheel = item["download_info"]["url"].rsplit("/", 1)[-1]
-    pure = wheel.endswith("-none-any.whl")
-    if name in ("jaxrm", "jax", "jaxlib") or not (pure or name in compiled_missing):
-        continue
-    print(f"{name}=={item['metadata']['version']}")
+    if name not in left:
+        print(f"{name}=={item['metadata']['version']}")
 PY
 rm -rf "$folder"
 mkdir -p "$folder"

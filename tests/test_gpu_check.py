@@ -80,3 +80,39 @@ def test_flex_attention_tree_mask_is_jaxrms_rule():
     assert 0.5 < real.mean() < 1  # rows with real tokens and padding
     assert (dense[real] == expected[real]).all()
     assert (dense[~real] == np.eye(512, dtype=bool)[None].repeat(2, 0)[~real]).all()
+
+
+def test_attention_check_fails_a_kernel_that_breaks_the_rule(monkeypatch):
+    """attention_check.py's comparison catches a kernel that reads another rest (a tree mask run
+    as segments), and passes flash on the same inputs."""
+    import sys
+
+    import jax.numpy as jnp
+
+    sys.path.insert(0, "scripts")
+    from attention_check import check_one
+    from attention_inputs import chat_rows, random_inputs
+
+    from jaxrm.models.attention import (
+        IMPLEMENTATIONS,
+        KERNELS,
+        Implementation,
+        Mask,
+        reference_attention,
+    )
+
+    def broken(q, k, v, mask, logits, *_):
+        return reference_attention(q, k, v, Mask(mask.segment_ids, None, mask.positions), logits)
+
+    monkeypatch.setitem(IMPLEMENTATIONS, "broken", Implementation("broken", {"tree": broken}))
+    monkeypatch.setitem(KERNELS["tree"], "broken", broken)
+    ids = chat_rows("tree", 2, 128, seed=0)
+    args = type("Args", (), {"rows": 2, "length": 128, "heads": 2, "kv_heads": 1, "head_dim": 16,
+                             "seed": 0})()  # fmt: skip
+    inputs = random_inputs(args, jnp.float32)
+    rows = {
+        name: check_one("tree", name, "float32", "plain", inputs, ids, 16, {})
+        for name in ("broken", "flash")
+    }
+    assert rows["broken"]["status"] == "FAILED" and rows["broken"]["max_error"] > 0.1
+    assert rows["flash"]["status"] == "ok" and rows["flash"]["max_error"] < 1e-5

@@ -250,7 +250,8 @@ def block_pairs(
 
 def _dot(a: jax.Array, b: jax.Array, trans_b: bool = False) -> jax.Array:
     """A tile product in float32; float32 tiles at full precision (Triton's default for them is
-    TF32), so that float32 runs match the reference on a GPU too."""
+    TF32), so that float32 runs match the reference on a GPU too. (`pl.dot` did the same; JAX
+    0.11 removed it.)"""
     precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
     contract = ((1,), (1 if trans_b else 0,))
     return jax.lax.dot_general(
