@@ -11,8 +11,8 @@
 # resolution) every wheel of that set but JAX's and the large compiled ones the image has
 # (LEFT_TO_THE_IMAGE: numpy, scipy, pyarrow, ...; read off the image's package list,
 # .library/device/KINDS.md, 2026-11-17). Small compiled ones are carried too: the image's may pin
-# what jaxrm needs newer (its tokenizers 0.23.2 wants huggingface-hub < 2, jaxrm >= 2.4), and
-# tensorstore (the image's 0.1.85 is below jaxrm's pin; seen on an H100, 2026-11-27).
+# what jaxrm needs newer (its tokenizers 0.23.2 wants huggingface-hub < 2, jaxrm >= 2.4; seen on an
+# H100, 2026-11-27).
 # gpu_check.sh then lets pip pick from the folder only what the image lacks or has at a version
 # outside jaxrm's ranges. About 40 MB.
 # The same thing by hand: `pip download --no-deps --only-binary=:all: --python-version 3.12
@@ -26,8 +26,8 @@ jax_version="${GPU_JAX_VERSION:-0.11.2}"
 # flax 0.12.8 (the CPU pin) needs JAX < 0.11 (jax.experimental.hijax.HiPrimitive); 0.12.9+ needs
 # JAX >= 0.11.1
 flax_version="${GPU_FLAX_VERSION:-0.12.10}"
-LEFT_TO_THE_IMAGE="jax jaxlib jaxrm numpy scipy pyarrow pandas matplotlib pillow ml-dtypes fonttools
-  contourpy kiwisolver"
+LEFT_TO_THE_IMAGE="jax jaxlib jaxrm numpy scipy pyarrow pandas tensorstore matplotlib pillow ml-dtypes
+  fonttools contourpy kiwisolver"
 platforms=()
 for n in 2_17 2_24 2_27 2_28 2_31 2_34 2_35; do platforms+=(--platform "manylinux_${n}_x86_64"); done
 platforms+=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64)
