@@ -14,12 +14,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-import jax
 import ml_collections
 
 from jaxrm.dtypes import COMPUTE_DTYPES
 from jaxrm.errors import UserError
-from jaxrm.hf import model_architecture
 from jaxrm.models.attention import (
     ATTENTION_IMPLEMENTATIONS,
     IMPLEMENTATIONS,
@@ -28,7 +26,6 @@ from jaxrm.models.attention import (
     Features,
 )
 from jaxrm.models.attention.table import NO_FEATURES, candidates_for, choose
-from jaxrm.models.families import model_config_from_hf
 
 log = logging.getLogger(__name__)
 
@@ -147,24 +144,6 @@ def compiled_by(run: Execution, backend: str) -> Execution:
         reason=f"{run.reason}; {run.kernels.describe()} compiled as {kernels.describe()}",
         kernels=kernels,
     )
-
-
-def with_backend_defaults(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A copy of `cfg` whose `dtype` and `attention` are resolved for the default JAX backend
-    and the model (its head_dim and attention features, from its config.json alone: see
-    `jaxrm.hf.model_architecture`)."""
-    hf_config, _ = model_architecture(cfg.model_name_or_path, cfg.model_revision or None)
-    model = model_config_from_hf(hf_config)
-    run = resolve_execution(
-        cfg.dtype,
-        cfg.attention,
-        jax.default_backend(),
-        model.head_dim,
-        cfg.batch_layout,
-        prefix_sharing=cfg.prefix_sharing,
-        features=Features.of(model),
-    )
-    return with_execution(cfg, run)
 
 
 def with_execution(cfg: ml_collections.ConfigDict, run: Execution) -> ml_collections.ConfigDict:

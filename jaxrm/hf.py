@@ -261,16 +261,54 @@ def load_reward_model(
     model_dir = resolve_model_dir(model_name_or_path, revision)
     hf_config = read_hf_config(model_dir)
     config = model_config_from_hf(hf_config, **runtime)
+    checkpoint_vocab = config.vocab_size
+    config = config.replace(vocab_size=grown_vocab_size(checkpoint_vocab, min_vocab_size))
+    graphdef, abstract_state = abstract_reward_model(config)
+    check_replication(abstract_state, mesh, replication_limit, report=jax.process_index() == 0)
+    model, report = read_hf_weights(
+        model_dir,
+        config,
+        graphdef,
+        abstract_state,
+        mesh,
+        checkpoint_vocab=checkpoint_vocab,
+        reinit_score_head=reinit_score_head,
+        seed=seed,
+    )
+    return model, dict(hf_config, vocab_size=config.vocab_size), report
+
+
+def grown_vocab_size(vocab_size: int, min_vocab_size: int | None) -> int:
+    """The embedding's rows for a tokenizer of `min_vocab_size` tokens: the checkpoint's, or more
+    rounded up to a multiple of 8 (as open-instruct resizes)."""
+    if min_vocab_size is None or min_vocab_size <= vocab_size:
+        return vocab_size
+    return -(-min_vocab_size // 8) * 8
+
+
+def read_hf_weights(
+    model_dir: Path,
+    config: ModelConfig,
+    graphdef: nnx.GraphDef,
+    abstract_state: nnx.State,
+    mesh: Mesh,
+    *,
+    checkpoint_vocab: int,
+    reinit_score_head: bool = False,
+    seed: int = 0,
+) -> tuple[RewardModel, ImportReport]:
+    """The HF checkpoint in `model_dir` as the RewardModel of `config` whose abstract sharded
+    state is given (a run plan's: not traced again; it is copied, never filled in place). Every
+    tensor is checked against it before any is read, so a checkpoint whose architecture differs
+    from the planned one is one clear error. `checkpoint_vocab`: the embedding rows on disk (rows
+    beyond are the mean of those)."""
+    abstract_state = jax.tree.map(lambda x: x, abstract_state)
     reader = WeightFiles(model_dir)
     names = reader.names()
     prefix = _detect_prefix(names)
-    old_vocab = config.vocab_size
-    if min_vocab_size is not None and min_vocab_size > old_vocab:
-        config = config.replace(vocab_size=-(-min_vocab_size // 8) * 8)
+    old_vocab = checkpoint_vocab
     entries = tensor_map(config, prefix)
     has_head = "score.weight" in names and not reinit_score_head
-    graphdef, abstract_state = abstract_reward_model(config)
-    check_replication(abstract_state, mesh, replication_limit, report=jax.process_index() == 0)
     leaves = state_leaves(abstract_state)
     _check_tensors(model_dir, reader, entries, leaves, config, old_vocab, include_head=has_head)
     values: dict[tuple[str, ...], jax.Array] = {}
@@ -291,7 +329,6 @@ def load_reward_model(
     for path, variable in leaves.items():
         variable.value = values[path]
     model = nnx.merge(graphdef, abstract_state)
-    hf_config = dict(hf_config, vocab_size=config.vocab_size)
     ignored = sorted(names - {n for e in entries for n in e.hf_names(config.num_hidden_layers)})
     resized = (old_vocab, config.vocab_size) if config.vocab_size != old_vocab else None
     report = ImportReport("loaded" if has_head else "initialized", ignored, resized)
@@ -303,7 +340,7 @@ def load_reward_model(
             len(unexpected),
             unexpected[:3],
         )
-    return model, hf_config, report
+    return model, report
 
 
 def _ignorable(name: str) -> bool:

@@ -52,7 +52,13 @@ from jaxrm.errors import (
     run_cli,
     write_failure,
 )
-from jaxrm.hf import load_reward_model, model_architecture, resolve_model_dir
+from jaxrm.hf import (
+    grown_vocab_size,
+    model_architecture,
+    read_hf_config,
+    read_hf_weights,
+    resolve_model_dir,
+)
 from jaxrm.logs import setup_logging
 from jaxrm.objective import METRIC_SUM_KEYS, Objective, finalize_metrics
 from jaxrm.optimizer import current_lr
@@ -66,7 +72,7 @@ from jaxrm.rundir import (
     clear_run_outputs,
     previous_outputs,
 )
-from jaxrm.sharding import MAX_REPLICATED_SHARE, data_parallel_size, dispatch_sync_interval
+from jaxrm.sharding import data_parallel_size, dispatch_sync_interval
 from jaxrm.step import (
     init_optimizer_state,
     make_eval_step,
@@ -235,21 +241,24 @@ def disk_needed(cfg: ml_collections.ConfigDict, plan: RunPlan) -> tuple[int, str
 
 
 def initial_model(
-    cfg: ml_collections.ConfigDict, plan: RunPlan, model_dir: Path, vocab_size: int
+    cfg: ml_collections.ConfigDict, plan: RunPlan, model_dir: Path, tokenizer_size: int
 ) -> tuple[nnx.GraphDef, nnx.State, dict[str, Any]]:
-    """A fresh run's model from the HF weights: (graph, params, config.json as trained), run as
-    `plan` says (attention per mask kind)."""
-    model, hf_config, report = load_reward_model(
-        str(model_dir),
+    """A fresh run's model from the HF weights, into the plan's abstract sharded state (the
+    model is not traced again, nor the mesh checked again): (graph, params, the checkpoint's
+    config.json as trained: the export's source, which a plan made from jaxrm's shipped
+    architecture copy is not). A tokenizer with more tokens than the embedding grows it (new
+    rows: the mean)."""
+    checkpoint_vocab = plan.model_config.vocab_size
+    plan = with_vocab_size(plan, grown_vocab_size(checkpoint_vocab, tokenizer_size))
+    model, report = read_hf_weights(
+        model_dir,
+        plan.model_config,
+        plan.graphdef,
+        plan.params,
         plan.mesh,
+        checkpoint_vocab=checkpoint_vocab,
         reinit_score_head=cfg.reinit_score_head,
-        min_vocab_size=vocab_size,
         seed=cfg.seed,
-        dtype=BY_NAME[cfg.dtype],
-        param_dtype=BY_NAME[cfg.param_dtype],
-        remat_policy=cfg.remat_policy if cfg.gradient_checkpointing else "none",
-        attention=plan.execution.kernels,
-        replication_limit=MAX_REPLICATED_SHARE,
     )
     log.info(
         "model %s: %s parameters; score head %s%s",
@@ -259,6 +268,7 @@ def initial_model(
         f"; embedding resized {report.resized_vocab}" if report.resized_vocab else "",
     )
     graphdef, params = nnx.split(model)
+    hf_config = dict(read_hf_config(model_dir), vocab_size=plan.model_config.vocab_size)
     return graphdef, params, hf_config
 
 
@@ -463,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     setup_logging(is_main)
     architecture, architecture_file = model_architecture(cfg.model_name_or_path, cfg.model_revision)
     check_context_length(cfg, architecture, architecture_file)
-    plan = make_plan(cfg, jax.devices(), architecture)
+    plan = make_plan(cfg, jax.devices(), architecture, report=is_main)  # logs what stays replicated
     mesh = plan.mesh
     log.info(
         "mesh %s over %d devices (%s, %d processes)",

@@ -9,13 +9,15 @@ import pytest
 from jaxrm.backends import (
     BACKEND_DEFAULTS,
     resolve_execution,
-    with_backend_defaults,
+    with_execution,
 )
 from jaxrm.config import load_config_file
 from jaxrm.dtypes import COMPUTE_DTYPES
 from jaxrm.errors import UserError
+from jaxrm.hf import model_architecture
 from jaxrm.models.attention import ATTENTION_IMPLEMENTATIONS
 from jaxrm.models.attention.table import MASK_KINDS, candidates_for
+from jaxrm.plan import resolve
 from tests.test_score import assert_one_line_error
 from tests.test_train_cli import run_train
 
@@ -114,16 +116,18 @@ def test_tiny_config_resolves_on_every_backend():
     }
 
 
-def test_with_backend_defaults_reads_head_dim_and_leaves_the_config_alone():
+def test_the_plan_resolves_from_the_model_and_leaves_the_config_alone():
     tiny = load_config_file("configs/tiny.py")
     tiny.lock()
-    resolved = with_backend_defaults(tiny)  # this test process runs on the CPU backend
+    hf_config, _ = model_architecture(tiny.model_name_or_path)
+    run = resolve(tiny, hf_config, "cpu")
+    resolved = with_execution(tiny, run)
     assert (resolved.dtype, resolved.attention) == ("float32", "flash")
     assert (tiny.dtype, tiny.attention) == ("auto", "auto")
     assert resolved.to_dict() == {**tiny.to_dict(), "dtype": "float32", "attention": "flash"}
-    tiny.model_name_or_path = "jaxrm/assets"  # a directory with no config.json
-    with pytest.raises(UserError, match="config.json not found"):
-        with_backend_defaults(tiny)
+    # cuDNN cannot soft-cap: a Gemma 2 gets pallas even for right-padded rows
+    gemma = dict(hf_config, model_type="gemma2", attn_logit_softcapping=50.0)
+    assert resolve(tiny, gemma, "gpu").kernels.for_kind("causal") == "pallas"
 
 
 def test_train_rejects_cudnn_on_cpu_in_one_line(tmp_path):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import jax
 import pytest
 
 from jaxrm.config import (
@@ -14,6 +17,8 @@ from jaxrm.config import (
     to_dict,
 )
 from jaxrm.errors import UserError
+from jaxrm.hf import abstract_reward_model, model_architecture
+from jaxrm.models.families import model_config_from_hf
 
 TINY = ["--config", "configs/tiny.py"]
 
@@ -56,6 +61,28 @@ def test_every_check_names_a_real_key_and_the_defaults_pass():
         assert key in config, key
     get_config(TINY)  # the shipped defaults are valid
     get_config(["--config", "configs/tulu8b.py"])
+
+
+@pytest.mark.parametrize(
+    "name, family, parameters",
+    [
+        ("tulu8b", "llama", 7_504_961_536),
+        ("qwen3_8b", "qwen3", 7_568_409_600),
+        ("olmo2_7b", "olmo2", 6_887_579_648),
+        ("gemma2_27b", "gemma2", 27_227_132_928),
+        ("llama70b", "llama", 69_503_107_072),
+    ],
+)
+def test_every_recipe_is_valid_and_its_model_is_known_offline(name, family, parameters):
+    """Each shipped recipe parses, and its model's architecture comes from jaxrm's copy of the
+    hub's config.json (no download) through its family's adapter."""
+    cfg = get_config(["--config", f"configs/{name}.py"])
+    hf_config, where = model_architecture(cfg.model_name_or_path, cfg.model_revision)
+    assert "jaxrm's copy of the hub's config.json" in where
+    config = model_config_from_hf(hf_config)
+    assert config.family == family
+    _, state = abstract_reward_model(config)
+    assert sum(math.prod(x.shape) for x in jax.tree.leaves(state)) == parameters
 
 
 def test_drift_names_every_changed_training_key():
