@@ -119,6 +119,17 @@ def main() -> int:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--kinds", default=",".join(MASK_KINDS))
     parser.add_argument("--features", default=",".join(FEATURES))
+    parser.add_argument(
+        "--float32_features",
+        default=None,
+        help="the features checked in float32 (default: --features); bfloat16 checks them all",
+    )
+    parser.add_argument(
+        "--implementations",
+        default=None,
+        help="only these (default: every one the table runs here); each check compiles a forward "
+        "and a backward, ~10 s on an H100",
+    )
     parser.add_argument("--output", help="also write the JSON here")
     args = parser.parse_args()
 
@@ -129,7 +140,12 @@ def main() -> int:
         ids = chat_rows(kind, args.rows, args.length, args.seed)
         for dtype in args.dtypes.split(","):
             for implementation in implementations(kind, backend, dtype, args.head_dim):
-                for feature in args.features.split(","):
+                if args.implementations and implementation not in args.implementations.split(","):
+                    continue
+                features = args.features
+                if dtype == "float32" and args.float32_features:
+                    features = args.float32_features
+                for feature in features.split(","):
                     row = check_one(
                         kind, implementation, dtype, feature, inputs, ids, args.head_dim, cache
                     )

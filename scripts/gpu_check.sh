@@ -55,12 +55,14 @@ if [ "$mode" = "gpu" ]; then
     echo "error: no wheels folder ${wheels}: run scripts/gpu_wheels.sh where pip can download" >&2
     exit 2
   fi
-  check_args=(--rows 2 --length 1024 --heads 8 --kv_heads 2 --head_dim 128)
+  # what auto runs on a GPU; every feature in bf16, float32 plain (each check ~10 s on an H100)
+  check_args=(--rows 2 --length 1024 --heads 8 --kv_heads 2 --head_dim 128
+    --implementations cudnn,pallas --float32_features plain)
   bench_attention_args=(--length 8192 --heads 32 --kv_heads 8 --head_dim 128 --dtype bfloat16
     --kinds tree,segments,causal --repeats 5)
   bench_args=(--preset gpu-1b --sides jaxrm,reference)
   train_args=()
-  limits=(40 20 150 60 170 40)  # seconds (480 in all): install devices attention bench_attention
+  limits=(35 15 170 50 170 40)  # seconds (480 in all): install devices attention bench_attention
   # bench train
   if [ "${JAXRM_GPU_CHECK_FLEX:-0}" = 1 ]; then  # + PyTorch flex_attention on the tree mask
     bench_args=(--preset gpu-1b --sides jaxrm,reference,reference_flex)
