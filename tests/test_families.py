@@ -91,6 +91,9 @@ def test_a_config_error_is_one_line():
         model_config_from_hf(dict(hf, hidden_activation="relu"))
     with pytest.raises(UserError, match="unsupported rope type 'longrope'"):
         model_config_from_hf(dict(hf, rope_parameters={"rope_type": "longrope", "factor": 2.0}))
+    layers = hf["num_hidden_layers"]
+    with pytest.raises(UserError, match="config.json: layer_windows needs one entry per layer"):
+        model_config_from_hf(dict(hf, layer_types=["sliding_attention"] * (layers + 1)))
 
 
 @pytest.mark.parametrize("attention", ["xla", "flash"])

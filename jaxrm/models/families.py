@@ -48,6 +48,10 @@ def flat_config(hf_config: dict[str, Any], where: str = "config.json") -> dict[s
 
 
 def model_config_from_hf(hf_config: dict[str, Any], **execution: Any) -> ModelConfig:
-    """The model config of a config.json, by its family's adapter."""
+    """The model config of a config.json, by its family's adapter; values the decoder cannot take
+    (a `layer_types` list of another length than the layers) are one line."""
     family = family_of(hf_config)
-    return family.config_from_hf(family.flat_config(hf_config), **execution)
+    try:
+        return family.config_from_hf(family.flat_config(hf_config), **execution)
+    except ValueError as e:
+        raise UserError(f"config.json: {e}") from None
