@@ -14,11 +14,11 @@ token distinct from eos: `--config.tokenizer_name=...`).
 Will it fit? `python scripts/memory_plan.py --config configs/llama70b.py --devices 64`.
 """
 
-from jaxrm.config import base_config
+from jaxrm.config import recipe_config
 
 
 def get_config():
-    c = base_config()
+    c = recipe_config()
     c.model_name_or_path = "allenai/Llama-3.1-Tulu-3-70B-SFT"
     c.dataset_mixer_list = [
         "allenai/llama-3.1-tulu-3-70b-preference-mixture",
@@ -26,30 +26,10 @@ def get_config():
         "Skywork/Skywork-Reward-Preference-80K-v0.2",
         "1.0",
     ]
-    c.dataset_mixer_list_splits = ["train"]
-    c.dataset_mixer_eval_list = ["allenai/ultrafeedback_binarized_cleaned", "1.0"]
-    c.dataset_mixer_eval_list_splits = ["test_prefs"]
     c.max_token_length = 4096
     c.max_prompt_token_length = 2048
-    c.learning_rate = 3e-6
-    c.lr_scheduler_type = "linear"
-    c.warmup_ratio = 0.0
-    c.num_train_epochs = 1
     c.total_train_batch_size = 256
     c.gradient_accumulation_steps = 4
     c.per_device_eval_batch_size = 1
-    c.seed = 8
-    c.dtype = "bfloat16"
-    c.param_dtype = "float32"
-    c.gradient_checkpointing = True
-    c.remat_policy = "full"
-    c.mesh.data = 1
-    c.mesh.fsdp = -1
-    c.mesh.tensor = 1
     c.output_dir = "runs/llama70b"
-    c.logging_steps = 1
-    c.eval_steps = 100
-    c.checkpointing_steps = 100
-    c.export_dtype = "bfloat16"
-    c.dataset_num_proc = 16
     return c

@@ -16,37 +16,19 @@ Will it fit? `python scripts/memory_plan.py --config configs/qwen3_8b.py --devic
 `python -m jaxrm.devices --config configs/qwen3_8b.py` on every host.
 """
 
-from jaxrm.config import base_config
+from jaxrm.config import recipe_config
 
 
 def get_config():
-    c = base_config()
+    c = recipe_config()
     c.model_name_or_path = "Qwen/Qwen3-8B"
     c.dataset_mixer_list = ["Skywork/Skywork-Reward-Preference-80K-v0.2", "1.0"]
-    c.dataset_mixer_list_splits = ["train"]
-    c.dataset_mixer_eval_list = ["allenai/ultrafeedback_binarized_cleaned", "1.0"]
-    c.dataset_mixer_eval_list_splits = ["test_prefs"]
     c.max_token_length = 16384
     c.max_prompt_token_length = 8192
-    c.learning_rate = 3e-6
     c.lr_scheduler_type = "constant"
-    c.warmup_ratio = 0.0
-    c.num_train_epochs = 1
     c.total_train_batch_size = 1024
     c.gradient_accumulation_steps = 4
-    c.per_device_eval_batch_size = 4
-    c.seed = 8
-    c.dtype = "bfloat16"
-    c.param_dtype = "float32"
-    c.gradient_checkpointing = True
-    c.remat_policy = "full"
-    c.mesh.data = 1
-    c.mesh.fsdp = -1
-    c.mesh.tensor = 1
     c.output_dir = "runs/qwen3_8b"
-    c.logging_steps = 1
     c.eval_steps = 50
     c.checkpointing_steps = 50
-    c.export_dtype = "bfloat16"
-    c.dataset_num_proc = 16
     return c
