@@ -53,12 +53,7 @@ def shared_prefix_lengths(pairs: Pairs, ids: np.ndarray | None = None) -> np.nda
     ids = np.arange(len(pairs)) if ids is None else np.asarray(ids)
     out = np.zeros(len(ids), np.int32)
     for n, i in enumerate(ids):
-        chosen, rejected = pairs.chosen[i], pairs.rejected[i]
-        m = min(len(chosen), len(rejected)) - 1
-        if m <= 0:
-            continue
-        differ = np.flatnonzero(chosen[:m] != rejected[:m])
-        out[n] = differ[0] if len(differ) else m
+        out[n] = common_prefix_length([pairs.chosen[i], pairs.rejected[i]])
     return out
 
 
@@ -210,18 +205,52 @@ def _place(batch, row, start, segment, chosen, rejected, p, spec) -> tuple[int, 
         pos[start:c_end], pos[c_end:r_end] = np.arange(len(chosen)), np.arange(len(rejected))
         seg[start:c_end], seg[c_end:r_end] = 2 * segment - 1, 2 * segment
         return c_end - 1, r_end - 1, r_end
-    c_rest, r_rest = chosen[p:], rejected[p:]
-    c_start = start + p
-    r_start = c_start + len(c_rest)
-    end = r_start + len(r_rest)
-    ids[start:c_start] = chosen[:p]
-    ids[c_start:r_start], ids[r_start:end] = c_rest, r_rest
-    pos[start:c_start] = np.arange(p)
-    pos[c_start:r_start] = np.arange(p, len(chosen))
-    pos[r_start:end] = np.arange(p, len(rejected))
-    seg[start:end] = segment
-    branch[c_start:r_start], branch[r_start:end] = 1, 2
-    return r_start - 1, end - 1, end
+    (c_last, r_last), end = place_tree(ids, pos, seg, branch, start, segment, [chosen, rejected], p)
+    return c_last, r_last, end
+
+
+def common_prefix_length(sequences: list[np.ndarray]) -> int:
+    """The tokens all `sequences` share at the start, capped so that each keeps at least one
+    token of its own (0 for a single sequence)."""
+    if len(sequences) < 2:
+        return 0
+    m = min(len(s) for s in sequences) - 1
+    if m <= 0:
+        return 0
+    first = sequences[0][:m]
+    same = np.ones(m, bool)
+    for s in sequences[1:]:
+        same &= s[:m] == first
+    differ = np.flatnonzero(~same)
+    return int(differ[0]) if len(differ) else m
+
+
+def place_tree(
+    ids: np.ndarray,
+    pos: np.ndarray,
+    seg: np.ndarray,
+    branch: np.ndarray,
+    start: int,
+    segment: int,
+    sequences: list[np.ndarray],
+    prefix: int,
+) -> tuple[list[int], int]:
+    """Writes one group at `start` of a row (its `input_ids`, `positions`, `segment_ids` and
+    `branch_ids` arrays): the sequences' first `prefix` tokens once (branch 0), then each
+    sequence's rest as branch 1, 2, ... with positions continuing from the prefix. Returns each
+    sequence's last index in the row, and the group's end."""
+    ids[start : start + prefix] = sequences[0][:prefix]
+    pos[start : start + prefix] = np.arange(prefix)
+    cursor, last = start + prefix, []
+    for b, sequence in enumerate(sequences, start=1):
+        rest = sequence[prefix:]
+        ids[cursor : cursor + len(rest)] = rest
+        pos[cursor : cursor + len(rest)] = np.arange(prefix, len(sequence))
+        branch[cursor : cursor + len(rest)] = b
+        cursor += len(rest)
+        last.append(cursor - 1)
+    seg[start:cursor] = segment
+    return last, cursor
 
 
 @dataclasses.dataclass(frozen=True)
