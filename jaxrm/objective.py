@@ -20,6 +20,12 @@ micro-batches, devices, hosts and eval batches are exact (sum everything, divide
   as in TRL and the reference.
 - `rm/reward_margin` is `r_chosen - r_rejected` (the model's margin, not the margin column).
 
+K-wise groups (jaxrm/data/group_packing.py) use the same per-pair terms over every pair their
+scores imply, each weighed by its `loss_weight` (1, or one over its group's pairs), or the
+Plackett-Luce loss of each group's ranking (`plackett_luce_terms`); `rm/accuracy` stays the
+pairwise accuracy (the same number as for pairs on groups of two) and `rm/top1_accuracy` counts
+groups whose best response gets the highest reward.
+
 `weight` is 1 for real pairs and 0 for filler pairs (padding a batch to a fixed shape). Filler pairs
 are masked with `where` on the inputs as well as the terms, so even non-finite filler rewards cannot
 leak NaN into the loss or its gradient.
@@ -34,12 +40,17 @@ import jax.numpy as jnp
 
 METRIC_SUM_KEYS = (
     "loss_sum",
+    "loss_count",
     "correct_sum",
     "chosen_sum",
     "rejected_sum",
     "margin_sum",
     "count",
+    "top1_sum",
+    "group_count",
 )
+BRADLEY_TERRY = "bradley_terry"
+PLACKETT_LUCE = "plackett_luce"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +60,7 @@ class Objective:
     num_blocks: int  # process blocks per micro-batch (see split_pair_rewards)
     use_margin: bool = False  # subtract the dataset's margin column inside the log-sigmoid
     center_coef: float = 0.0  # the centering term's coefficient
+    ranking: str = BRADLEY_TERRY  # K-wise batches: plackett_luce over each group instead
 
 
 def split_pair_rewards(rewards: jax.Array, num_blocks: int = 1) -> tuple[jax.Array, jax.Array]:
@@ -119,22 +131,77 @@ def pair_metrics(
     weight: jax.Array,
     margin: jax.Array | None = None,
     center_coef: float = 0.0,
+    loss_weight: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
     """Weighted float32 sums (keys `METRIC_SUM_KEYS`) for exact averaging; add them, then finalize.
 
     Pass the same `margin` / `center_coef` as the loss so `loss_sum` is the optimized objective.
+    `loss_weight` (K-wise, default `weight`) weighs a pair's loss term only: the metrics count
+    every real pair once.
     """
     chosen, rejected, weight, real, margin = _masked_inputs(chosen, rejected, weight, margin)
     terms = pair_loss_terms(chosen, rejected, margin, center_coef)
     w = jnp.where(real, weight, 0.0)
+    lw = w if loss_weight is None else jnp.where(real, _f32(loss_weight), 0.0)
+    zero = jnp.zeros((), jnp.float32)
     return {
-        "loss_sum": jnp.sum(jnp.where(real, weight * terms, 0.0)),
+        "loss_sum": jnp.sum(jnp.where(real, lw * terms, 0.0)),
+        "loss_count": jnp.sum(lw),
         "correct_sum": jnp.sum(w * (chosen > rejected).astype(jnp.float32)),
         "chosen_sum": jnp.sum(w * chosen),
         "rejected_sum": jnp.sum(w * rejected),
         "margin_sum": jnp.sum(w * (chosen - rejected)),
         "count": jnp.sum(w),
+        "top1_sum": zero,
+        "group_count": zero,
     }
+
+
+def _group_inputs(
+    rewards: jax.Array, scores: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """float32 rewards (0 where masked), scores and a boolean mask, [..., K]."""
+    real = mask > 0
+    return jnp.where(real, _f32(rewards), 0.0), _f32(scores), real
+
+
+def plackett_luce_terms(rewards: jax.Array, scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """Per group ([..., K] inputs, `mask` 1 on real responses) the Plackett-Luce loss of its
+    ranking by `scores`: the sum, over each response a that is not among the lowest-scored, of
+    `logsumexp(r_b for b with score_b <= score_a) - r_a` (a is picked from itself and every
+    response it does not lose to). Without ties this is the Plackett-Luce negative
+    log-likelihood of the ranking; tied responses share one risk set (Breslow's rule)."""
+    rewards, scores, real = _group_inputs(rewards, scores, mask)
+    not_above = scores[..., None, :] <= scores[..., :, None]  # [..., a, b]: score_b <= score_a
+    eye = jnp.eye(rewards.shape[-1], dtype=bool)
+    risk = (real[..., None, :] & not_above) | eye  # the diagonal keeps every row non-empty
+    logits = jnp.where(risk, rewards[..., None, :], -jnp.inf)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    lowest = jnp.min(jnp.where(real, scores, jnp.inf), axis=-1, keepdims=True)
+    active = real & (scores > lowest)
+    return jnp.sum(jnp.where(active, lse - rewards, 0.0), axis=-1)
+
+
+def group_metrics(
+    rewards: jax.Array, scores: jax.Array, mask: jax.Array, ranking: str = BRADLEY_TERRY
+) -> dict[str, jax.Array]:
+    """Sums over groups ([..., K] inputs): `top1_sum` counts groups whose best-scored responses
+    hold a reward strictly above every other response's, over `group_count` groups. With
+    `ranking` Plackett-Luce, also `loss_sum` and `loss_count` (each group weighs 1)."""
+    rewards, scores, real = _group_inputs(rewards, scores, mask)
+    group = jnp.any(real, axis=-1)
+    best = jnp.max(jnp.where(real, scores, -jnp.inf), axis=-1, keepdims=True)
+    top = real & (scores == best)
+    top_reward = jnp.max(jnp.where(top, rewards, -jnp.inf), axis=-1)
+    rest_reward = jnp.max(jnp.where(real & ~top, rewards, -jnp.inf), axis=-1)
+    out = {
+        "top1_sum": jnp.sum(group & (top_reward > rest_reward)).astype(jnp.float32),
+        "group_count": jnp.sum(group).astype(jnp.float32),
+    }
+    if ranking == PLACKETT_LUCE:
+        out["loss_sum"] = jnp.sum(plackett_luce_terms(rewards, scores, real))
+        out["loss_count"] = out["group_count"]
+    return out
 
 
 def add_metrics(a: dict[str, jax.Array], b: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -143,12 +210,17 @@ def add_metrics(a: dict[str, jax.Array], b: dict[str, jax.Array]) -> dict[str, j
 
 
 def finalize_metrics(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Means (sum / count) under the logged names; a zero count gives NaN (nothing was measured)."""
+    """Means (sum / count) under the logged names; a zero count gives NaN (nothing was measured).
+    `rm/loss` is the loss sum over its weights (pairs, or prompts), `rm/top1_accuracy` is there
+    when groups were measured (K-wise)."""
     count = sums["count"]
-    return {
-        "rm/loss": sums["loss_sum"] / count,
+    out = {
+        "rm/loss": sums["loss_sum"] / sums["loss_count"],
         "rm/accuracy": sums["correct_sum"] / count,
         "rm/chosen_rewards": sums["chosen_sum"] / count,
         "rm/rejected_rewards": sums["rejected_sum"] / count,
         "rm/reward_margin": sums["margin_sum"] / count,
     }
+    if float(sums.get("group_count", 0.0)) > 0:  # K-wise groups were measured
+        out["rm/top1_accuracy"] = sums["top1_sum"] / sums["group_count"]
+    return out

@@ -33,11 +33,12 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxrm.data.batch import FIELDS, PACKED_FIELDS, batch_shardings
+from jaxrm.data.batch import FIELDS, KWISE_FIELDS, PACKED_FIELDS, batch_shardings
 from jaxrm.objective import (
     METRIC_SUM_KEYS,
     Objective,
     add_metrics,
+    group_metrics,
     mean_loss,
     pair_metrics,
     split_pair_rewards,
@@ -77,23 +78,36 @@ def _structure(node: Any) -> Any:
         return None
 
 
+def packed_scores(
+    graphdef: nnx.GraphDef, params: Any, micro: Batch, shared_prefix: bool = True
+) -> jax.Array:
+    """The score at every token of a packed micro-batch, [devices, tokens per device]. Rows
+    without `shared_prefix` have no branches (their `branch_ids` are all 0): the model gets none,
+    so attention runs the `segments` mask kind, not `tree`."""
+    model = nnx.merge(graphdef, params)
+    branch_ids = micro["branch_ids"] if shared_prefix else None
+    scores = model.token_scores(
+        micro["input_ids"], micro["positions"], micro["segment_ids"], branch_ids
+    )
+    return scores.reshape(micro["chosen_index"].shape[0], -1)
+
+
+def read_scores(per_device: jax.Array, index: jax.Array) -> jax.Array:
+    """The scores at `index` ([devices, ...] flat token indices into each device's rows)."""
+    flat = index.reshape(index.shape[0], -1)
+    return jnp.take_along_axis(per_device, flat, axis=1).reshape(index.shape)
+
+
 def pair_rewards(
     graphdef: nnx.GraphDef, params: Any, micro: Batch, obj: Objective, shared_prefix: bool = True
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """(chosen, rejected, weight, margin) of one micro-batch's pairs, float32, either layout.
-    Packed rows without `shared_prefix` have no branches (their `branch_ids` are all 0): the
-    model gets none, so attention runs the `segments` mask kind, not `tree`."""
-    model = nnx.merge(graphdef, params)
+    """(chosen, rejected, weight, margin) of one micro-batch's pairs, float32, either layout."""
     if "segment_ids" in micro:  # packed: the score at every token, read at each sequence's end
-        branch_ids = micro["branch_ids"] if shared_prefix else None
-        scores = model.token_scores(
-            micro["input_ids"], micro["positions"], micro["segment_ids"], branch_ids
-        )
-        per_device = scores.reshape(micro["chosen_index"].shape[0], -1)
-        chosen = jnp.take_along_axis(per_device, micro["chosen_index"], axis=1).reshape(-1)
-        rejected = jnp.take_along_axis(per_device, micro["rejected_index"], axis=1).reshape(-1)
+        per_device = packed_scores(graphdef, params, micro, shared_prefix)
+        chosen = read_scores(per_device, micro["chosen_index"]).reshape(-1)
+        rejected = read_scores(per_device, micro["rejected_index"]).reshape(-1)
         return chosen, rejected, micro["weight"].reshape(-1), micro["margin"].reshape(-1)
-    rewards = model(micro["input_ids"], micro["attention_mask"])
+    rewards = nnx.merge(graphdef, params)(micro["input_ids"], micro["attention_mask"])
     chosen, rejected = split_pair_rewards(rewards, obj.num_blocks)
     return chosen, rejected, micro["weight"], micro["margin"]
 
@@ -101,10 +115,28 @@ def pair_rewards(
 def _rewards_and_sums(
     graphdef: nnx.GraphDef, params: Any, micro: Batch, obj: Objective, shared_prefix: bool
 ) -> tuple[jax.Array, jax.Array, jax.Array, dict[str, jax.Array]]:
-    """One micro-batch's forward pass: rewards, pair weights and the metric sums."""
+    """One micro-batch's forward pass: rewards, pair weights and the metric sums (K-wise
+    micro-batches: over the pairs their groups imply, plus the groups' sums)."""
+    if "group_index" in micro:
+        return _kwise_rewards_and_sums(graphdef, params, micro, obj, shared_prefix)
     chosen, rejected, weight, margin = pair_rewards(graphdef, params, micro, obj, shared_prefix)
     margin = margin if obj.use_margin else None
     sums = pair_metrics(chosen, rejected, weight, margin, obj.center_coef)
+    return chosen, rejected, weight, sums
+
+
+def _kwise_rewards_and_sums(
+    graphdef: nnx.GraphDef, params: Any, micro: Batch, obj: Objective, shared_prefix: bool
+) -> tuple[jax.Array, jax.Array, jax.Array, dict[str, jax.Array]]:
+    per_device = packed_scores(graphdef, params, micro, shared_prefix)
+    chosen = read_scores(per_device, micro["chosen_index"]).reshape(-1)
+    rejected = read_scores(per_device, micro["rejected_index"]).reshape(-1)
+    weight = micro["weight"].reshape(-1)
+    margin = micro["margin"].reshape(-1) if obj.use_margin else None
+    loss_weight = micro["loss_weight"].reshape(-1)
+    sums = pair_metrics(chosen, rejected, weight, margin, obj.center_coef, loss_weight)
+    group = read_scores(per_device, micro["group_index"])
+    sums.update(group_metrics(group, micro["group_score"], micro["group_mask"], obj.ranking))
     return chosen, rejected, weight, sums
 
 
@@ -156,13 +188,15 @@ def make_train_step(
     obj: Objective,
     packed: bool = False,
     shared_prefix: bool = True,
+    kwise: bool = False,
 ) -> Callable[[Any, Any, jax.Array], tuple[Any, dict[str, jax.Array]]]:
     """`(params, opt_state), batch, stop votes -> (params, opt_state), outputs`.
 
     Padded batches: one jitted call that scans the k micro-batches. Packed steps (a varying
     number of micro-batches of one shape): a jitted accumulation per micro-batch, then one jitted
     update. Outputs: the metric sums (zero for a skipped step), `grad_norm`, `skipped` (0 or 1)
-    and `stop` (1 when any process asked to stop). `shared_prefix`: packed rows share prompts.
+    and `stop` (1 when any process asked to stop). `shared_prefix`: packed rows share prompts;
+    `kwise`: packed micro-batches of K-wise groups (`KWISE_FIELDS`).
     """
 
     def loss_fn(params: Any, micro: Batch, normalizer: jax.Array):
@@ -173,7 +207,8 @@ def make_train_step(
     replicated = NamedSharding(mesh, PartitionSpec())
     votes_sharding = NamedSharding(mesh, PartitionSpec(MESH_AXES))
     if packed:
-        return _packed_train_step(grad_fn, optimizer, mesh, state_shardings, replicated)
+        fields = KWISE_FIELDS if kwise else PACKED_FIELDS
+        return _packed_train_step(grad_fn, optimizer, mesh, state_shardings, replicated, fields)
 
     def step(state: Any, batch: Batch, votes: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
         params, _ = state
@@ -198,9 +233,9 @@ def make_train_step(
     )
 
 
-def _packed_train_step(grad_fn, optimizer, mesh, state_shardings, replicated):
+def _packed_train_step(grad_fn, optimizer, mesh, state_shardings, replicated, fields):
     param_shardings = state_shardings[0]
-    micro_shardings = batch_shardings(mesh, PACKED_FIELDS)
+    micro_shardings = batch_shardings(mesh, fields)
 
     @functools.partial(
         jax.jit,
@@ -239,7 +274,7 @@ class PackedTrainStep:
 
     def __call__(self, state: Any, batch: dict[str, Any], votes: jax.Array):
         grads, sums = self.zeros(state[0])
-        normalizer = jnp.float32(batch["pairs"])
+        normalizer = jnp.float32(batch["normalizer"])
         for micro in batch["micro_batches"]:
             grads, sums = self.accumulate(state[0], grads, sums, micro, normalizer)
         return self.apply(state, grads, sums, votes)
@@ -252,6 +287,7 @@ def make_eval_step(
     obj: Objective,
     packed: bool = False,
     shared_prefix: bool = True,
+    kwise: bool = False,
 ) -> Callable[[Any, Batch], dict[str, jax.Array]]:
     """`params, micro-batch -> metric sums` plus reward sums for the export's statistics (padded:
     a batch `[1, 2m, T]`; packed: one micro-batch, prompts shared when `shared_prefix`)."""
@@ -268,5 +304,5 @@ def make_eval_step(
         sums["reward_sq_sum"] = jnp.sum(both_weight * both**2)
         return sums
 
-    fields = PACKED_FIELDS if packed else FIELDS
+    fields = (KWISE_FIELDS if kwise else PACKED_FIELDS) if packed else FIELDS
     return jax.jit(step, in_shardings=(param_shardings, batch_shardings(mesh, fields)))

@@ -230,7 +230,7 @@ def packed_steps(args, data, steps: list, dp: int) -> tuple[list[dict], list[int
 
     length, rows = row_shape(args.max_length, 0, args.pack_rows)
     spec = PackSpec(length, rows, dp, args.pairs_per_step, True)
-    host = [{"micro_batches": pack(data, np.array(ids), spec), "pairs": len(ids)} for ids in steps]
+    host = [{"micro_batches": pack(data, np.array(ids), spec), "normalizer": len(ids)} for ids in steps]
     return host, [len(b["micro_batches"]) * spec.micro_rows * length for b in host]
 
 
@@ -355,7 +355,7 @@ def run_reference_flex(args, workdir: Path, pairs: list) -> dict:
     def run_step(step: dict) -> None:
         for micro in step["micro_batches"]:
             chosen, rejected = rewards(micro)
-            loss = -torch.nn.functional.logsigmoid(chosen - rejected).sum() / step["pairs"]
+            loss = -torch.nn.functional.logsigmoid(chosen - rejected).sum() / step["normalizer"]
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

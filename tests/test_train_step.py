@@ -60,7 +60,7 @@ def packed_step(pairs, devices: int, rows: int = 1):
         0,
     )
     spec = PackSpec(length=64, rows=rows, devices=devices, slots=len(pairs))
-    return {"micro_batches": pack(data, np.arange(len(pairs)), spec), "pairs": len(pairs)}
+    return {"micro_batches": pack(data, np.arange(len(pairs)), spec), "normalizer": len(pairs)}
 
 
 def jax_losses(

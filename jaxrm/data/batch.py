@@ -15,18 +15,22 @@ A train step's dict also carries `tokens`, the step's non-pad tokens (chosen + r
 pair, on all processes), for throughput logs; it stays on the host.
 
 **Packed** (`PACKED_FIELDS`, jaxrm/data/packing.py): an optimizer step is
-`{"micro_batches": [micro, ...], "pairs": P, "tokens": N}` with a varying number of
+`{"micro_batches": [micro, ...], "normalizer": P, "tokens": N}` with a varying number of
 micro-batches of one fixed shape (G = rows per micro-batch, L = pack length, D = data-parallel
-devices, S = pair slots per device) and P real pairs in all:
+devices, S = pair slots per device) and P real pairs in all (the loss sum is divided by P):
 
     input_ids       int32   [G, L]      tokens of whole pairs, 0 after the last group
     positions       int32   [G, L]      restart per group (per sequence when not shared)
     segment_ids     int32   [G, L]      one id per group (per sequence), 0 = padding
-    branch_ids      int32   [G, L]      0 shared prefix, 1 chosen rest, 2 rejected rest
+    branch_ids      int32   [G, L]      0 prefix, 1 chosen rest, 2 rejected rest (K-wise: 1..K)
     chosen_index    int32   [D, S]      a pair's chosen reward: flat index into its device's rows
     rejected_index  int32   [D, S]      ... and its rejected reward
     margin          float32 [D, S]
     weight          float32 [D, S]      1.0 for a pair, 0.0 for an empty slot
+
+K-wise steps (`KWISE_FIELDS`) add a `loss_weight` per pair slot and group slots
+`group_index`, `group_score`, `group_mask` [D, groups, responses]; their `normalizer` is the
+step's pairs or prompts (see jaxrm/data/group_packing.py).
 
 Dimension names: `micro` (the k micro-batches, scanned by the train step), `rows`, `pairs` and
 `devices` (split over the data-parallel mesh axes), `length` (T or L), `slots`. After `to_global`,
@@ -73,6 +77,21 @@ PACKED_FIELDS: dict[str, Field] = {
     "weight": Field(np.float32, ("devices", "slots")),
 }
 
+# K-wise groups (jaxrm/data/group_packing.py): the pair slots carry a loss weight, and group slots
+# [D, groups, responses] say where each response of a whole group is, and its score
+KWISE_FIELDS: dict[str, Field] = {
+    **PACKED_FIELDS,
+    "loss_weight": Field(np.float32, ("devices", "slots")),
+    "group_index": Field(np.int32, ("devices", "groups", "responses")),
+    "group_score": Field(np.float32, ("devices", "groups", "responses")),
+    "group_mask": Field(np.float32, ("devices", "groups", "responses")),
+}
+
+
+def packed_fields(micro: dict[str, Any]) -> dict[str, Field]:
+    """The fields of a packed micro-batch: K-wise when it has group slots."""
+    return KWISE_FIELDS if "group_index" in micro else PACKED_FIELDS
+
 
 def field_shapes(fields: dict[str, Field], sizes: dict[str, int]) -> dict[str, tuple[int, ...]]:
     """Every field's global shape, given the size of each of its dimension names."""
@@ -96,9 +115,9 @@ def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array] 
     """Host-local arrays -> global arrays in `batch_shardings` (every process passes its part);
     a packed step's micro-batches one by one."""
     if "micro_batches" in batch:
-        micro = [_global(m, mesh, PACKED_FIELDS) for m in batch["micro_batches"]]
-        return {"micro_batches": micro, "pairs": batch["pairs"]}
-    return _global(batch, mesh, PACKED_FIELDS if "segment_ids" in batch else FIELDS)
+        micro = [_global(m, mesh, packed_fields(m)) for m in batch["micro_batches"]]
+        return {"micro_batches": micro, "normalizer": batch["normalizer"]}
+    return _global(batch, mesh, packed_fields(batch) if "segment_ids" in batch else FIELDS)
 
 
 def _global(batch: dict[str, np.ndarray], mesh: Mesh, fields: dict[str, Field]):

@@ -79,7 +79,7 @@ def train_dataset(
         if pack is not None:
             micro = packing.pack(pairs, ids, pack)
             local = [local_part(x, process_index, process_count) for x in micro]
-            return {"micro_batches": local, "pairs": per_step, "tokens": tokens}
+            return {"micro_batches": local, "normalizer": per_step, "tokens": tokens}
         ids = ids.reshape(grad_accum_steps, global_pairs_per_micro_batch)
         local = ids[:, process_index * m : (process_index + 1) * m]
         batch = collate(local, np.ones(local.shape, np.float32), collate.bucket(ids))
