@@ -25,6 +25,8 @@ from typing import Any
 
 import ml_collections
 
+from jaxrm.data.group_packing import AVERAGES as KWISE_AVERAGES
+from jaxrm.data.group_packing import OBJECTIVES as KWISE_OBJECTIVES
 from jaxrm.data.packing import ROW_MULTIPLE
 from jaxrm.dtypes import COMPUTE_DTYPES, EXPORT_DTYPES
 from jaxrm.errors import UserError
@@ -53,6 +55,12 @@ def base_config() -> ml_collections.ConfigDict:
     # objective
     c.use_margin = False  # -log_sigmoid(rc - rr - margin) with the dataset's `margin` column
     c.center_rewards_coefficient = 0.0  # + coef * mean((rc + rr)^2) (TRL)
+    # K-wise data (K >= 2 scored responses per prompt, jaxrm/data/group_packing.py): "kwise" packs
+    # each prompt once with all its responses; batch sizes then count prompts, not pairs
+    c.preference_format = "pairs"  # pairs | kwise
+    c.kwise_objective = "bradley_terry"  # bradley_terry (every implied pair) | plackett_luce
+    c.kwise_loss_average = "pair"  # bradley_terry: each pair weighs 1 | each prompt weighs 1
+    c.kwise_margin_scale = 0.0  # margin = scale x (score chosen - score rejected); 0: none
     # optimization (open-instruct / DeepSpeed defaults)
     c.learning_rate = 3e-6
     c.lr_scheduler_type = "linear"
@@ -193,6 +201,10 @@ CHECKS: dict[str, OneOf | Between] = {
     "max_prompt_token_length": AT_LEAST_ONE,
     "dataset_num_proc": NON_NEGATIVE,
     "center_rewards_coefficient": NON_NEGATIVE,
+    "preference_format": OneOf(("pairs", "kwise")),
+    "kwise_objective": OneOf(KWISE_OBJECTIVES),
+    "kwise_loss_average": OneOf(KWISE_AVERAGES),
+    "kwise_margin_scale": NON_NEGATIVE,
     "learning_rate": POSITIVE,
     "lr_scheduler_type": OneOf(SCHEDULER_TYPES),
     "warmup_ratio": Between(0, 1),
@@ -244,6 +256,10 @@ TRAINING_KEYS = (
     "max_prompt_token_length",
     "use_margin",
     "center_rewards_coefficient",
+    "preference_format",
+    "kwise_objective",
+    "kwise_loss_average",
+    "kwise_margin_scale",
     "learning_rate",
     "lr_scheduler_type",
     "warmup_ratio",
@@ -280,6 +296,31 @@ def validate_values(config: ml_collections.ConfigDict) -> None:
             raise UserError(f"config key {key!r} {problem}, got {value!r}")
     if not config.dataset_mixer_list:
         raise UserError("config key 'dataset_mixer_list' is empty: name at least one dataset")
+    if config.preference_format == "kwise":
+        check_kwise(config)
+
+
+def check_kwise(config: ml_collections.ConfigDict) -> None:
+    """The K-wise settings that cannot go together, each refused in one line."""
+    if config.use_margin:
+        raise UserError(
+            "config key 'use_margin' reads the margin column of pairs; with preference_format "
+            "kwise the margin comes from the scores: set kwise_margin_scale instead"
+        )
+    plackett_luce = config.kwise_objective == "plackett_luce"
+    if plackett_luce and config.center_rewards_coefficient:
+        raise UserError(
+            "config key 'center_rewards_coefficient' applies to Bradley-Terry pairs, not "
+            "kwise_objective plackett_luce"
+        )
+    if plackett_luce and config.kwise_margin_scale:
+        raise UserError("config key 'kwise_margin_scale' has no meaning for plackett_luce")
+    if config.batch_layout == "padded" and (plackett_luce or config.kwise_loss_average != "pair"):
+        raise UserError(
+            "batch_layout padded trains K-wise data as its implied pairs (Bradley-Terry, "
+            "kwise_loss_average pair); plackett_luce and per-prompt averaging need batch_layout "
+            "packed"
+        )
 
 
 def check_context_length(

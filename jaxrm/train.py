@@ -41,6 +41,8 @@ from jaxrm.checkpoint import (
 )
 from jaxrm.config import check_context_length, config_drift, get_config, to_dict
 from jaxrm.data import packing
+from jaxrm.data.group_packing import KwiseSpec, group_lengths
+from jaxrm.data.groups import Groups
 from jaxrm.distributed import initialize_distributed
 from jaxrm.dtypes import BY_NAME
 from jaxrm.errors import (
@@ -284,21 +286,51 @@ def pack_fit(cfg: ml_collections.ConfigDict) -> data.PackFit | None:
     return data.PackFit(length, cfg.prefix_sharing, cfg.drop_pairs_longer_than_pack_length)
 
 
-def log_pack(spec: packing.PackSpec | None, pairs: data.Pairs, cfg: ml_collections.ConfigDict):
-    """Logs the packed layout's shapes and what a pair takes, from a fixed sample of the
-    training set (nothing for padded batches)."""
+def kwise_spec(cfg: ml_collections.ConfigDict) -> KwiseSpec | None:
+    """How K-wise groups become loss terms (None: pairs)."""
+    if cfg.preference_format != "kwise":
+        return None
+    return KwiseSpec(cfg.kwise_objective, cfg.kwise_loss_average, cfg.kwise_margin_scale)
+
+
+def objective(cfg: ml_collections.ConfigDict, kwise: KwiseSpec | None) -> Objective:
+    """The objective's settings; a K-wise margin is the scores' (`kwise_margin_scale`)."""
+    if kwise is None:
+        return Objective(jax.process_count(), cfg.use_margin, cfg.center_rewards_coefficient)
+    return Objective(
+        jax.process_count(),
+        kwise.margin_scale > 0,
+        cfg.center_rewards_coefficient,
+        kwise.objective,
+    )
+
+
+def log_pack(
+    spec: packing.PackSpec | None,
+    pairs: data.Pairs | Groups,
+    cfg: ml_collections.ConfigDict,
+):
+    """Logs the packed layout's shapes and what a pair (a K-wise group) takes, from a fixed
+    sample of the training set (nothing for padded batches)."""
     if spec is None:
         return
     length, rows = spec.length, spec.rows
     sample = np.random.default_rng(0).permutation(len(pairs))[:20_000]
-    groups = packing.group_lengths(pairs, sample, cfg.prefix_sharing)
-    unshared = packing.group_lengths(pairs, sample, False)
+    if isinstance(pairs, Groups):
+        what = "a prompt's group"
+        groups = group_lengths(pairs, sample, cfg.prefix_sharing)
+        unshared = group_lengths(pairs, sample, False)
+    else:
+        what = "a pair"
+        groups = packing.group_lengths(pairs, sample, cfg.prefix_sharing)
+        unshared = packing.group_lengths(pairs, sample, False)
     log.info(
-        "packed batches: %d row(s) of %d tokens per micro-batch (%d per device); a pair takes %.0f "
+        "packed batches: %d row(s) of %d tokens per micro-batch (%d per device); %s takes %.0f "
         "tokens on average%s",
         spec.micro_rows,
         length,
         rows,
+        what,
         groups.mean(),
         f" ({1 - groups.sum() / unshared.sum():.0%} saved by sharing prompts)"
         if cfg.prefix_sharing
@@ -521,26 +553,36 @@ def run(
         num_proc=cfg.dataset_num_proc or None,
         vocab_size=max(plan.hf_config.get("vocab_size", 0), len(tokenizer)),
         pack=pack_fit(cfg),
+        preference_format=cfg.preference_format,
     )
+    pack = plan.pack
+    kwise = kwise_spec(cfg)
+    if kwise is not None and pack is None:  # padded: the implied pairs, trained as pairs
+        train_pairs = train_pairs.to_pairs()[0]
+        eval_pairs = None if eval_pairs is None else eval_pairs.to_pairs()[0]
+        kwise = None
+    unit = "prompts" if kwise is not None else "pairs"
     benchmarks = BenchmarkHook.from_config(cfg, tokenizer, data_parallel_size(mesh))
     per_epoch = data.steps_per_epoch(len(train_pairs), micro_pairs, cfg.gradient_accumulation_steps)
     if per_epoch == 0:
         raise UserError(
-            f"{len(train_pairs)} training pairs are fewer than one optimizer step of "
-            f"{step_pairs} pairs"
+            f"{len(train_pairs)} training {unit} are fewer than one optimizer step of "
+            f"{step_pairs} {unit}"
         )
     total_steps = per_epoch * cfg.num_train_epochs
     if cfg.max_train_steps > 0:
         total_steps = min(total_steps, cfg.max_train_steps)
     log.info(
-        "%d train pairs, %d eval pairs; %d pairs per step; %d steps (%d per epoch)",
+        "%d train %s, %d eval %s; %d %s per step; %d steps (%d per epoch)",
         len(train_pairs),
+        unit,
         len(eval_pairs) if eval_pairs else 0,
+        unit,
         step_pairs,
+        unit,
         total_steps,
         per_epoch,
     )
-    pack = plan.pack
     log_pack(pack, train_pairs, cfg)
     buckets = data.length_buckets(cfg.max_token_length)
     train_iter = data.train_iterator(
@@ -551,6 +593,7 @@ def run(
             seed=cfg.seed,
             buckets=buckets,
             pack=pack,
+            kwise=kwise,
         )
     )
     eval_batches = None
@@ -561,6 +604,7 @@ def run(
             global_pairs_per_batch=plan.batch.eval_pairs,
             buckets=buckets,
             pack=eval_pack,
+            kwise=kwise,
         )
 
     # ---- model, optimizer, steps
@@ -574,7 +618,7 @@ def run(
         params, opt_state = run_start.restored.params, run_start.restored.opt_state
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
     state_shardings = jax.tree.map(lambda x: x.sharding, (params, opt_state))
-    obj = Objective(jax.process_count(), cfg.use_margin, cfg.center_rewards_coefficient)
+    obj = objective(cfg, kwise)
     tokenizer_dir = output_dir / "tokenizer"
     if is_main:
         tokenizer.save_pretrained(tokenizer_dir)
@@ -614,6 +658,7 @@ def run(
                 obj,
                 packed=pack is not None,
                 shared_prefix=cfg.prefix_sharing,
+                kwise=kwise is not None,
             ),
             eval_step=make_eval_step(
                 graphdef,
@@ -622,6 +667,7 @@ def run(
                 obj,
                 packed=pack is not None,
                 shared_prefix=cfg.prefix_sharing,
+                kwise=kwise is not None,
             ),
             benchmarks=benchmarks,
             state=(params, opt_state),

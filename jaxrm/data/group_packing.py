@@ -88,6 +88,11 @@ def layout_tokens(sequences: list[np.ndarray], share_prefix: bool) -> int:
     return total - common_prefix_length(sequences) if share_prefix else total
 
 
+def group_lengths(groups: Groups, ids: np.ndarray, share_prefix: bool) -> np.ndarray:
+    """Tokens each group `ids` takes whole in a packed row."""
+    return np.array([layout_tokens(groups.sequences(g), share_prefix) for g in ids], np.int64)
+
+
 def split_group(
     sequences: list[np.ndarray], pairs: list[tuple[int, int]], capacity: int, share_prefix: bool
 ) -> list[tuple[list[int], list[tuple[int, int]]]]:

@@ -24,6 +24,8 @@ import numpy as np
 
 from jaxrm.data import packing
 from jaxrm.data.batch import local_part
+from jaxrm.data.group_packing import KwiseSpec, pack_groups, slots_for
+from jaxrm.data.groups import Groups
 from jaxrm.data.packing import PackSpec
 from jaxrm.data.pairs import Pairs
 from jaxrm.errors import UserError
@@ -46,7 +48,7 @@ def steps_per_epoch(
 
 
 def train_dataset(
-    pairs: Pairs,
+    pairs: Pairs | Groups,
     *,
     global_pairs_per_micro_batch: int,
     grad_accum_steps: int,
@@ -56,10 +58,23 @@ def train_dataset(
     buckets: Sequence[int] | None = None,
     num_epochs: int | None = None,
     pack: PackSpec | None = None,
+    kwise: KwiseSpec | None = None,
 ) -> grain.MapDataset:
     """One element per optimizer step (the batch contract: padded, or packed with `pack`);
-    infinite when num_epochs is None."""
+    infinite when num_epochs is None. K-wise `Groups` (packed only, with `kwise`) count groups
+    where pairs count pairs."""
     process_index, process_count = _process(process_index, process_count)
+    if isinstance(pairs, Groups):
+        return _group_steps(
+            pairs,
+            global_pairs_per_micro_batch * grad_accum_steps,
+            seed,
+            process_index,
+            process_count,
+            num_epochs,
+            pack,
+            kwise,
+        )
     m = _local_pairs(global_pairs_per_micro_batch, process_count)
     per_step = global_pairs_per_micro_batch * grad_accum_steps
     steps = steps_per_epoch(len(pairs), global_pairs_per_micro_batch, grad_accum_steps)
@@ -88,6 +103,42 @@ def train_dataset(
     return grain.MapDataset.range(steps).repeat(num_epochs).map_with_index(make_step)
 
 
+def _group_steps(
+    groups: Groups,
+    per_step: int,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    num_epochs: int | None,
+    pack: PackSpec | None,
+    kwise: KwiseSpec | None,
+) -> grain.MapDataset:
+    """`train_dataset` of K-wise groups: `per_step` groups per optimizer step, shuffled and cut
+    like pairs; slots fixed for the run (`slots_for`), so every micro-batch has one shape."""
+    if pack is None or kwise is None:
+        raise ValueError("K-wise groups train in packed batches with a KwiseSpec")
+    steps = len(groups) // per_step
+    if not steps:
+        raise UserError(
+            f"{len(groups)} training prompts are fewer than one optimizer step of {per_step} "
+            "(prompts per micro-batch x gradient accumulation steps)"
+        )
+    order = grain.MapDataset.range(len(groups)).shuffle(seed=seed)
+    slots = slots_for(groups, per_step)
+    lengths = groups.responses.lengths()
+
+    def make_step(index: int, _: int) -> dict[str, np.ndarray]:
+        epoch, step = divmod(index, steps)
+        start = epoch * len(groups) + step * per_step
+        ids = np.array([order[i] for i in range(start, start + per_step)], dtype=np.int64)
+        micro, normalizer = pack_groups(groups, ids, pack, kwise, slots)
+        tokens = int(sum(lengths[groups.offsets[g] : groups.offsets[g + 1]].sum() for g in ids))
+        local = [local_part(x, process_index, process_count) for x in micro]
+        return {"micro_batches": local, "normalizer": normalizer, "tokens": tokens}
+
+    return grain.MapDataset.range(steps).repeat(num_epochs).map_with_index(make_step)
+
+
 def train_iterator(dataset: grain.MapDataset, prefetch: int = 4) -> grain.DatasetIterator:
     """A `train_dataset` as a checkpointable iterator, prefetched by one background thread."""
     options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch)
@@ -95,18 +146,26 @@ def train_iterator(dataset: grain.MapDataset, prefetch: int = 4) -> grain.Datase
 
 
 def eval_batches(
-    pairs: Pairs,
+    pairs: Pairs | Groups,
     *,
     global_pairs_per_batch: int,
     process_index: int | None = None,
     process_count: int | None = None,
     buckets: Sequence[int] | None = None,
     pack: PackSpec | None = None,
+    kwise: KwiseSpec | None = None,
 ) -> grain.MapDataset:
     """One pass over all pairs in order (k = 1); the last global batch is completed with filler
-    pairs of weight 0, so every real pair counts exactly once. With `pack`: all pairs packed at
-    once, one packed micro-batch per element."""
+    pairs of weight 0, so every real pair counts exactly once. With `pack`: all pairs (or K-wise
+    groups, with `kwise`) packed at once, one packed micro-batch per element."""
     process_index, process_count = _process(process_index, process_count)
+    if isinstance(pairs, Groups):
+        if pack is None or kwise is None:
+            raise ValueError("K-wise groups are evaluated in packed batches with a KwiseSpec")
+        micro, _ = pack_groups(pairs, np.arange(len(pairs)), pack, kwise)
+        return grain.MapDataset.source(micro).map(
+            lambda x: local_part(x, process_index, process_count)
+        )
     if pack is not None:
         micro = packing.pack(pairs, np.arange(len(pairs)), pack)
         return grain.MapDataset.source(micro).map(
