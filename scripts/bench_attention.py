@@ -40,16 +40,41 @@ from attention_inputs import (
 
 from jaxrm.data import packing
 from jaxrm.models.attention import Logits, attend
+from jaxrm.models.attention.pallas_gpu import BlockSizes, pallas_attention
 
 FLOPS_PER_PAIR_HEAD_DIM = 12
 
 
-def time_fwd_bwd(implementation: str, inputs, mask, repeats: int) -> tuple[float, int]:
+def time_fwd_bwd(
+    implementation: str, inputs, mask, repeats: int, tiles: BlockSizes | None = None
+) -> tuple[float, int]:
+    """Median seconds of forward + backward, and XLA's temporary bytes. `tiles`: run `pallas`
+    with these tile sizes instead of its defaults (the tile sweep)."""
     q, k, v, cotangent = inputs
     logits = Logits(q.shape[-1] ** -0.5)
 
+    def attention(q, k, v, mask):
+        if tiles is None:
+            return attend(q, k, v, mask, implementation, logits)
+        rows, length = q.shape[:2]
+        segments = mask.segment_ids
+        segments = jnp.ones((rows, length), jnp.int32) if segments is None else segments
+        branches = jnp.zeros_like(segments) if mask.branch_ids is None else mask.branch_ids
+        positions = mask.token_positions((rows, length))
+        return pallas_attention(
+            q,
+            k,
+            v,
+            segments,
+            branches,
+            positions,
+            mask.window_size(),
+            logits=logits,
+            blocks=tiles,
+        )
+
     def loss(q, k, v, cotangent, mask):
-        out = attend(q, k, v, mask, implementation, logits)
+        out = attention(q, k, v, mask)
         return jnp.sum(out.astype(jnp.float32) * cotangent)
 
     step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
@@ -64,6 +89,17 @@ def time_fwd_bwd(implementation: str, inputs, mask, repeats: int) -> tuple[float
     return statistics.median(times), int(temporaries)
 
 
+def parse_tiles(text: str) -> list[BlockSizes]:
+    """`--pallas_tiles`: each ';'-separated set of six sizes as pallas' `BlockSizes`."""
+    out = []
+    for entry in filter(None, text.split(";")):
+        sizes = [int(x) for x in entry.split(",")]
+        if len(sizes) != 6:
+            raise SystemExit(f"--pallas_tiles: {entry!r} is not six sizes")
+        out.append(BlockSizes(*sizes))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_shape_arguments(parser, rows=1, length=2048, heads=8, kv_heads=4, dim=64)
@@ -71,6 +107,12 @@ def main() -> None:
     parser.add_argument("--kinds", default="tree", help=f"comma-separated of {MASK_KINDS}")
     parser.add_argument("--implementations", default="", help="comma-separated; default: all")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--pallas_tiles",
+        default="",
+        help="also time pallas with these tiles: ';'-separated sets of six sizes (forward q,k; "
+        "dK/dV q,k; dQ q,k), e.g. '64,64,32,64,64,32;128,128,64,128,128,64'",
+    )
     parser.add_argument("--output", help="also write the JSON here")
     args = parser.parse_args()
     if args.length % packing.ROW_MULTIPLE:
@@ -95,8 +137,13 @@ def main() -> None:
         names = implementations(kind, backend, args.dtype, args.head_dim)
         if args.implementations:
             names = [n for n in args.implementations.split(",") if n in names]
-        for implementation in names:
-            seconds, temporaries = time_fwd_bwd(implementation, inputs, mask, args.repeats)
+        runs = [(name, None) for name in names]
+        if "pallas" in names:
+            runs += [("pallas", tiles) for tiles in parse_tiles(args.pallas_tiles)]
+        for implementation, tiles in runs:
+            seconds, temporaries = time_fwd_bwd(implementation, inputs, mask, args.repeats, tiles)
+            if tiles is not None:
+                implementation = f"pallas[{','.join(map(str, tiles[:6]))}]"
             flops = FLOPS_PER_PAIR_HEAD_DIM * pairs * args.heads * args.head_dim
             run = {
                 "kind": kind,
