@@ -300,5 +300,3 @@ class TargetLock(FileLock):
 
     def release(self, remove: bool = True) -> None:
         super().release(remove)
-
-

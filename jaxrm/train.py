@@ -41,7 +41,7 @@ from jaxrm.checkpoint import (
 )
 from jaxrm.config import check_context_length, config_drift, get_config, to_dict
 from jaxrm.data import packing
-from jaxrm.data.group_packing import KwiseSpec, group_lengths
+from jaxrm.data.group_packing import KwiseSpec, group_lengths, pair_layout_lengths
 from jaxrm.data.groups import Groups
 from jaxrm.distributed import initialize_distributed
 from jaxrm.dtypes import BY_NAME
@@ -317,24 +317,43 @@ def log_pack(
     length, rows = spec.length, spec.rows
     sample = np.random.default_rng(0).permutation(len(pairs))[:20_000]
     if isinstance(pairs, Groups):
-        what = "a prompt's group"
-        groups = group_lengths(pairs, sample, cfg.prefix_sharing)
-        unshared = group_lengths(pairs, sample, False)
-    else:
-        what = "a pair"
-        groups = packing.group_lengths(pairs, sample, cfg.prefix_sharing)
-        unshared = packing.group_lengths(pairs, sample, False)
+        log_group_pack(spec, pairs, sample, cfg.prefix_sharing)
+        return
+    groups = packing.group_lengths(pairs, sample, cfg.prefix_sharing)
+    unshared = packing.group_lengths(pairs, sample, False)
     log.info(
-        "packed batches: %d row(s) of %d tokens per micro-batch (%d per device); %s takes %.0f "
+        "packed batches: %d row(s) of %d tokens per micro-batch (%d per device); a pair takes %.0f "
         "tokens on average%s",
         spec.micro_rows,
         length,
         rows,
-        what,
         groups.mean(),
         f" ({1 - groups.sum() / unshared.sum():.0%} saved by sharing prompts)"
         if cfg.prefix_sharing
         else "",
+    )
+
+
+def log_group_pack(
+    spec: packing.PackSpec, groups: Groups, sample: np.ndarray, share_prefix: bool
+) -> None:
+    """Logs what a K-wise group takes against the same responses cut into pairs, and how many
+    groups are split for not fitting one row (their sub-groups repeat the prompt)."""
+    whole = group_lengths(groups, np.arange(len(groups)), share_prefix)
+    as_pairs = pair_layout_lengths(groups, sample, share_prefix)
+    log.info(
+        "packed batches: %d row(s) of %d tokens per micro-batch (%d per device); a prompt's "
+        "group (%.1f responses, %.1f pairs) takes %.0f tokens on average, %.0f%% fewer than its "
+        "pairs packed as pairs; %d of %d groups do not fit one row and are split",
+        spec.micro_rows,
+        spec.length,
+        spec.rows,
+        groups.sizes()[sample].mean(),
+        groups.pair_counts()[sample].mean(),
+        whole[sample].mean(),
+        100 * (1 - whole[sample].sum() / max(1, as_pairs.sum())),
+        int((whole > spec.length).sum()),
+        len(groups),
     )
 
 

@@ -93,6 +93,18 @@ def group_lengths(groups: Groups, ids: np.ndarray, share_prefix: bool) -> np.nda
     return np.array([layout_tokens(groups.sequences(g), share_prefix) for g in ids], np.int64)
 
 
+def pair_layout_lengths(groups: Groups, ids: np.ndarray, share_prefix: bool) -> np.ndarray:
+    """Tokens each group `ids` would take cut into its implied pairs, each packed as a pair."""
+    out = np.zeros(len(ids), np.int64)
+    for n, g in enumerate(ids):
+        sequences = groups.sequences(g)
+        out[n] = sum(
+            layout_tokens([sequences[a], sequences[b]], share_prefix)
+            for a, b in groups.implied_pairs(g)
+        )
+    return out
+
+
 def split_group(
     sequences: list[np.ndarray], pairs: list[tuple[int, int]], capacity: int, share_prefix: bool
 ) -> list[tuple[list[int], list[tuple[int, int]]]]:
