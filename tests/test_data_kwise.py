@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from jaxrm.assets import BENCHMARK_FIXTURES, TINY_MODEL_DIR
+from jaxrm.assets import (
+    BENCHMARK_FIXTURES,
+    TINY_EVAL_FILE,
+    TINY_KWISE_EVAL_FILE,
+    TINY_KWISE_TRAIN_FILE,
+    TINY_MODEL_DIR,
+    TINY_TRAIN_FILE,
+)
 from jaxrm.data import PackFit, build_datasets
 from jaxrm.data import tokenize as tokenize_module
 from jaxrm.data.groups import Groups
@@ -353,3 +360,27 @@ def test_worker_processes_give_the_serial_groups(tok, tmp_path, monkeypatch):
     np.testing.assert_array_equal(spawned.offsets, serial.offsets)
     np.testing.assert_array_equal(spawned.scores, serial.scores)
     np.testing.assert_array_equal(spawned.prompt_lengths, serial.prompt_lengths)
+
+
+def test_the_shipped_kwise_set_extends_the_shipped_pairs(tok, tmp_path):
+    for kwise_file, pairs_file in (
+        (TINY_KWISE_TRAIN_FILE, TINY_TRAIN_FILE),
+        (TINY_KWISE_EVAL_FILE, TINY_EVAL_FILE),
+    ):
+        groups = [json.loads(line) for line in kwise_file.open()]
+        pairs = [json.loads(line) for line in pairs_file.open()]
+        assert len(groups) == len(pairs)
+        for group, pair in zip(groups, pairs, strict=True):
+            assert group["prompt"] == pair["chosen"][:-1] and sorted(group["scores"]) == [
+                0,
+                0,
+                0,
+                1,
+            ]
+            best = group["responses"][group["scores"].index(1)]
+            assert best == pair["chosen"][-1]["content"]
+            assert pair["rejected"][-1]["content"] in group["responses"]
+            assert len(set(group["responses"])) == 4
+    groups, stats = build(tok, tmp_path, str(TINY_KWISE_EVAL_FILE))
+    assert (stats["groups"], stats["responses"], stats["pairs"]) == (400, 1600, 1200)
+    assert stats["identical"] == 0 and sum(stats["filtered"].values()) == 0
