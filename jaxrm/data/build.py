@@ -243,25 +243,13 @@ def _build(
         raise UserError(
             f"no {what} {unit} left: all {len(mixed)} {reason} {limits_named} ({filtered})"
         )
-    if not kwise:
-        identical = check_identical(kept, what)
-        stats = {
-            "sources": sources,
-            "rows": len(mixed),
-            "filtered": filtered,
-            "identical": identical,
-            "pairs": len(kept),
-        }
-        return kept, stats
-    stats = {
-        "sources": sources,
-        "rows": len(mixed),
-        "filtered": filtered,
-        "identical": check_identical_groups(kept, what),
-        "groups": len(kept),
-        "responses": int(kept.offsets[-1]),
-        "pairs": len(kept.pair_index()[0]),
-    }
+    stats = {"sources": sources, "rows": len(mixed), "filtered": filtered}
+    if kwise:
+        stats["identical"] = check_identical_groups(kept, what)
+        stats.update(groups=len(kept), responses=int(kept.offsets[-1]))
+        stats["pairs"] = len(kept.pair_index()[0])
+    else:
+        stats.update(identical=check_identical(kept, what), pairs=len(kept))
     return kept, stats
 
 

@@ -82,16 +82,8 @@ class Group:
 def detect_format(name: str, columns: list[str], first_row: dict[str, Any] | None) -> str:
     """The format of a dataset from its columns (and its first row, to tell full conversations
     from completions when there is a `prompt` column, and completions from RewardBench 2's lists
-    of strings)."""
+    of strings). Pair columns come first, so a pair set with extra columns stays a pair set."""
     cols = set(columns)
-    if "responses_input_ids" in cols:
-        return KWISE_PRETOKENIZED
-    if "responses" in cols:
-        if "prompt" not in cols and "messages" not in cols:
-            raise UserError(f"{name}: column 'responses' needs a 'prompt' or 'messages' column")
-        return KWISE
-    if "completions" in cols and "instruction" in cols:
-        return ULTRAFEEDBACK
     if "chosen_input_ids" in cols or "rejected_input_ids" in cols:
         _require(name, cols, ("chosen_input_ids", "rejected_input_ids"))
         return PRETOKENIZED
@@ -105,6 +97,14 @@ def detect_format(name: str, columns: list[str], first_row: dict[str, Any] | Non
         if isinstance(chosen, str):
             raise UserError(f"{name}: column 'chosen' holds strings but no 'prompt' column exists")
         return CONVERSATIONAL
+    if "responses_input_ids" in cols:
+        return KWISE_PRETOKENIZED
+    if "responses" in cols:
+        if "prompt" not in cols and "messages" not in cols:
+            raise UserError(f"{name}: column 'responses' needs a 'prompt' or 'messages' column")
+        return KWISE
+    if "completions" in cols and "instruction" in cols:
+        return ULTRAFEEDBACK
     raise UserError(
         f"{name}: unknown preference format (columns: {', '.join(sorted(cols)) or 'none'}); "
         "expected 'chosen'/'rejected' message lists, a 'prompt' column with 'chosen'/'rejected', "
