@@ -384,3 +384,26 @@ def test_the_shipped_kwise_set_extends_the_shipped_pairs(tok, tmp_path):
     groups, stats = build(tok, tmp_path, str(TINY_KWISE_EVAL_FILE))
     assert (stats["groups"], stats["responses"], stats["pairs"]) == (400, 1600, 1200)
     assert stats["identical"] == 0 and sum(stats["filtered"].values()) == 0
+
+
+def test_vectorized_pair_index_and_distinct_scores_match_the_loops():
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(0, 6, size=200)
+    groups = Groups.from_lists(
+        [
+            [[int(t) for t in rng.integers(0, 9, rng.integers(1, 5))] for _ in range(k)]
+            for k in sizes
+        ],
+        [rng.integers(0, 3, k).astype(float).tolist() for k in sizes],
+    )
+    chosen, rejected, owner = groups.pair_index()
+    loops = [
+        (groups.offsets[g] + a, groups.offsets[g] + b, g)
+        for g in range(len(groups))
+        for a, b in groups.implied_pairs(g)
+    ]
+    assert len(loops) > 300
+    np.testing.assert_array_equal(np.stack([chosen, rejected, owner], 1), np.array(loops))
+    distinct = [len(set(groups.scores[groups.members(g)])) for g in range(len(groups))]
+    np.testing.assert_array_equal(groups.distinct_scores(), distinct)
+    np.testing.assert_array_equal(groups.pair_counts(), np.bincount(owner, minlength=200))
