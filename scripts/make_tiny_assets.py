@@ -1,10 +1,15 @@
 """Regenerate the shipped tiny offline assets under ``jaxrm/assets/``.
 
     python scripts/make_tiny_assets.py
+    python scripts/make_tiny_assets.py --kwise-only   # only the K-wise set, from the shipped pairs
 
 Writes, deterministically (fixed seeds, no network):
 
 * ``jaxrm/assets/tiny-prefs/{train,eval}.jsonl``: a tiny conversational preference dataset.
+* ``jaxrm/assets/tiny-kwise/{train,eval}.jsonl``: the same prompts as K-wise rows (``prompt``,
+  ``responses``, ``scores``): each pair's chosen and rejected plus two more wrong answers drawn
+  from the rejected answer's pool, in the pair's response template, in a seeded order; the right
+  answer scores 1, the three wrong ones 0 (best-of-4, as RewardBench 2).
 * ``jaxrm/assets/tiny-llama/``: a byte-level BPE tokenizer trained on that data (Tulu chat
   template, ``<pad>`` distinct from eos, no BOS added) and a randomly initialised 2-layer
   ``LlamaForCausalLM`` (float32 safetensors) standing in for the SFT checkpoint.
@@ -33,12 +38,15 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "jaxrm" / "assets"
 MODEL_DIR = ASSETS / "tiny-llama"
 PREFS_DIR = ASSETS / "tiny-prefs"
+KWISE_DIR = ASSETS / "tiny-kwise"
+KWISE_RESPONSES = 4
 
 SEED = 1234
 N_TRAIN = 4000
@@ -93,6 +101,7 @@ OPPOSITES = [
 OPPOSITE = {a: b for a, b in OPPOSITES} | {b: a for a, b in OPPOSITES}
 ITEMS = [w for pair in OPPOSITES for w in pair]
 WORDS = sorted({w for ws in CATEGORIES.values() for w in ws} | set(COLORS) | set(OBJECTS))
+ALL_ANSWERS = {w for ws in CATEGORIES.values() for w in ws} | set(COLORS) | set(ITEMS)
 
 CATEGORY_TEMPLATES = [
     "Name one {c}.",
@@ -173,6 +182,56 @@ def make_pair(rng: random.Random, split: str) -> dict:
         "chosen": messages + [{"role": "assistant", "content": rt.format(r=good)}],
         "rejected": messages + [{"role": "assistant", "content": rt.format(r=bad)}],
     }
+
+
+def _split_response(text: str) -> tuple[str, str]:
+    """(response template, word) of a generated response."""
+    for template in sorted(RESPONSE_TEMPLATES, key=len, reverse=True):
+        prefix, suffix = template.split("{r}")
+        word = text[len(prefix) : len(text) - len(suffix)]
+        if text.startswith(prefix) and text.endswith(suffix) and word in ALL_ANSWERS:
+            return template, word
+    raise ValueError(f"not a generated response: {text!r}")
+
+
+def _wrong_pool(good: str) -> list[str]:
+    """The answers that are wrong where `good` is right, as `_task` draws its rejected one."""
+    if good in COLORS:
+        return [c for c in COLORS if c != good]
+    if good in OPPOSITE:
+        return [w for w in ITEMS if w not in (good, OPPOSITE[good])]
+    category = next(c for c, items in CATEGORIES.items() if good in items)
+    return [w for c in CATS if c != category for w in CATEGORIES[c]]
+
+
+def make_group(pair: dict, rng: random.Random) -> dict:
+    """A K-wise row from a pair (see the module docstring)."""
+    template, good = _split_response(pair["chosen"][-1]["content"])
+    _, bad = _split_response(pair["rejected"][-1]["content"])
+    extra = rng.sample([w for w in _wrong_pool(good) if w != bad], KWISE_RESPONSES - 2)
+    answers = [(good, 1), (bad, 0)] + [(w, 0) for w in extra]
+    rng.shuffle(answers)
+    return {
+        "prompt": pair["chosen"][:-1],
+        "responses": [template.format(r=w) for w, _ in answers],
+        "scores": [score for _, score in answers],
+    }
+
+
+def make_kwise(train: list[dict], evals: list[dict]) -> tuple[list[dict], list[dict]]:
+    rng = random.Random(f"{SEED}-kwise")
+    return [make_group(p, rng) for p in train], [make_group(p, rng) for p in evals]
+
+
+def write_kwise() -> None:
+    """The K-wise set from the shipped pairs (the tokenizer and model stay as they are)."""
+    train, evals = (
+        [json.loads(line) for line in (PREFS_DIR / f"{split}.jsonl").open()]
+        for split in ("train", "eval")
+    )
+    KWISE_DIR.mkdir(exist_ok=True)
+    for split, rows in zip(("train", "eval"), make_kwise(train, evals), strict=True):
+        write_jsonl(KWISE_DIR / f"{split}.jsonl", rows)
 
 
 def make_dataset() -> tuple[list[dict], list[dict]]:
@@ -257,13 +316,17 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def main() -> None:
+    if "--kwise-only" in sys.argv[1:]:
+        write_kwise()
+        return
     train, evals = make_dataset()
-    for d in (MODEL_DIR, PREFS_DIR):
+    for d in (MODEL_DIR, PREFS_DIR, KWISE_DIR):
         if d.exists():
             shutil.rmtree(d)
         d.mkdir(parents=True)
     write_jsonl(PREFS_DIR / "train.jsonl", train)
     write_jsonl(PREFS_DIR / "eval.jsonl", evals)
+    write_kwise()
 
     texts = [render(r[k]) for r in train for k in ("chosen", "rejected")]
     tokenizer = build_tokenizer(texts)

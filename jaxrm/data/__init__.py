@@ -8,8 +8,8 @@
     batch = to_global(next(it), mesh)
 
 Modules: `sources` (load + mixer), `formats` (detect + validate), `tokenize` (chat template),
-`build` (cache + filter + stats), `pairs` (ragged arrays), `loader` (grain batches), `batch` (the
-batch contract and its global arrays).
+`build` (cache + filter + stats), `pairs` (ragged arrays), `groups` (K-wise: K scored responses
+per prompt), `loader` (grain batches), `batch` (the batch contract and its global arrays).
 """
 
 import importlib
@@ -18,6 +18,7 @@ from typing import Any
 _EXPORTS = {
     "build_datasets": "build",
     "default_cache_dir": "build",
+    "filter_groups": "build",
     "filter_pairs": "build",
     "eval_batches": "loader",
     "length_buckets": "loader",
@@ -25,6 +26,7 @@ _EXPORTS = {
     "to_global": "batch",
     "train_dataset": "loader",
     "train_iterator": "loader",
+    "Groups": "groups",
     "PackFit": "checks",
     "Pairs": "pairs",
     "Ragged": "pairs",

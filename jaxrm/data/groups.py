@@ -83,11 +83,14 @@ class Groups:
         )
 
     def distinct_scores(self) -> np.ndarray:
-        """Per group, how many different scores its responses have."""
-        out = np.zeros(len(self), np.int64)
-        for g in range(len(self)):
-            out[g] = len(np.unique(self.scores[self.offsets[g] : self.offsets[g + 1]]))
-        return out
+        """Per group, how many different scores its responses have (vectorized: sorted by
+        group, then score, a response starts a new score where either changes)."""
+        owner = self.owners()
+        order = np.lexsort((self.scores, owner))
+        s, o = self.scores[order], owner[order]
+        new = np.ones(len(s), bool)
+        new[1:] = (s[1:] != s[:-1]) | (o[1:] != o[:-1])
+        return np.bincount(o[new], minlength=len(self)).astype(np.int64)
 
     def implied_pairs(self, g: int) -> list[tuple[int, int]]:
         """Group g's pairs as (chosen, rejected) positions within the group (see the module)."""
@@ -103,7 +106,35 @@ class Groups:
 
     def pair_counts(self) -> np.ndarray:
         """Implied pairs per group."""
-        return np.array([len(self.implied_pairs(g)) for g in range(len(self))], np.int64)
+        return np.bincount(self.pair_index()[2], minlength=len(self)).astype(np.int64)
+
+    def owners(self) -> np.ndarray:
+        """Per response, the group it belongs to."""
+        return np.repeat(np.arange(len(self)), self.sizes())
+
+    def pair_index(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every implied pair at once, vectorized per group size: (chosen, rejected) response
+        indices and the group, in the order of `implied_pairs` group after group."""
+        sizes = self.sizes()
+        chosen, rejected, group, order = [], [], [], []
+        for k in np.unique(sizes[sizes >= 2]):
+            a, b = np.triu_indices(int(k), 1)
+            gs = np.flatnonzero(sizes == k)
+            ia = self.offsets[gs][:, None] + a[None, :]
+            ib = self.offsets[gs][:, None] + b[None, :]
+            sa, sb = self.scores[ia], self.scores[ib]
+            keep = sa != sb
+            first = sa > sb
+            chosen.append(np.where(first, ia, ib)[keep])
+            rejected.append(np.where(first, ib, ia)[keep])
+            group.append(np.broadcast_to(gs[:, None], ia.shape)[keep])
+            order.append(np.broadcast_to(np.arange(len(a))[None, :], ia.shape)[keep])
+        if not chosen:
+            empty = np.zeros(0, np.int64)
+            return empty, empty, empty
+        group, order = np.concatenate(group), np.concatenate(order)
+        sort = np.lexsort((order, group))
+        return np.concatenate(chosen)[sort], np.concatenate(rejected)[sort], group[sort]
 
     def to_pairs(self, margin_scale: float = 0.0) -> tuple[Pairs, np.ndarray]:
         """Every implied pair as a `Pairs` (margin `margin_scale` x the score difference), and
