@@ -61,6 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.kwise_objective = "bradley_terry"  # bradley_terry (every implied pair) | plackett_luce
     c.kwise_loss_average = "pair"  # bradley_terry: each pair weighs 1 | each prompt weighs 1
     c.kwise_margin_scale = 0.0  # margin = scale x (score chosen - score rejected); 0: none
+    c.ultrafeedback_score = "overall_score"  # UltraFeedback's rating used as the score
     # optimization (open-instruct / DeepSpeed defaults)
     c.learning_rate = 3e-6
     c.lr_scheduler_type = "linear"
@@ -205,6 +206,7 @@ CHECKS: dict[str, OneOf | Between] = {
     "kwise_objective": OneOf(KWISE_OBJECTIVES),
     "kwise_loss_average": OneOf(KWISE_AVERAGES),
     "kwise_margin_scale": NON_NEGATIVE,
+    "ultrafeedback_score": OneOf(("overall_score", "fine-grained_score")),
     "learning_rate": POSITIVE,
     "lr_scheduler_type": OneOf(SCHEDULER_TYPES),
     "warmup_ratio": Between(0, 1),
@@ -260,6 +262,7 @@ TRAINING_KEYS = (
     "kwise_objective",
     "kwise_loss_average",
     "kwise_margin_scale",
+    "ultrafeedback_score",
     "learning_rate",
     "lr_scheduler_type",
     "warmup_ratio",

@@ -62,7 +62,7 @@ from jaxrm.hf import (
     resolve_model_dir,
 )
 from jaxrm.logs import setup_logging
-from jaxrm.objective import METRIC_SUM_KEYS, Objective, finalize_metrics
+from jaxrm.objective import BRADLEY_TERRY, METRIC_SUM_KEYS, Objective, finalize_metrics
 from jaxrm.optimizer import current_lr
 from jaxrm.plan import RunPlan, make_plan, with_vocab_size
 from jaxrm.preemption import StopRequest
@@ -283,7 +283,13 @@ def pack_fit(cfg: ml_collections.ConfigDict) -> data.PackFit | None:
     if cfg.batch_layout != "packed":
         return None
     length, _ = packing.row_shape(cfg.max_token_length, cfg.pack_length)
-    return data.PackFit(length, cfg.prefix_sharing, cfg.drop_pairs_longer_than_pack_length)
+    plackett_luce = cfg.preference_format == "kwise" and cfg.kwise_objective == "plackett_luce"
+    return data.PackFit(
+        length,
+        cfg.prefix_sharing,
+        cfg.drop_pairs_longer_than_pack_length,
+        whole_groups=plackett_luce,
+    )
 
 
 def kwise_spec(cfg: ml_collections.ConfigDict) -> KwiseSpec | None:
@@ -294,14 +300,14 @@ def kwise_spec(cfg: ml_collections.ConfigDict) -> KwiseSpec | None:
 
 
 def objective(cfg: ml_collections.ConfigDict, kwise: KwiseSpec | None) -> Objective:
-    """The objective's settings; a K-wise margin is the scores' (`kwise_margin_scale`)."""
-    if kwise is None:
-        return Objective(jax.process_count(), cfg.use_margin, cfg.center_rewards_coefficient)
+    """The objective's settings; a K-wise margin is the scores' (`kwise_margin_scale`), on
+    K-wise groups and on the pairs cut from them (padded batches) alike."""
+    score_margin = cfg.preference_format == "kwise" and cfg.kwise_margin_scale > 0
     return Objective(
         jax.process_count(),
-        kwise.margin_scale > 0,
+        cfg.use_margin or score_margin,
         cfg.center_rewards_coefficient,
-        kwise.objective,
+        BRADLEY_TERRY if kwise is None else kwise.objective,
     )
 
 
@@ -573,12 +579,14 @@ def run(
         vocab_size=max(plan.hf_config.get("vocab_size", 0), len(tokenizer)),
         pack=pack_fit(cfg),
         preference_format=cfg.preference_format,
+        ultrafeedback_score=cfg.ultrafeedback_score,
     )
     pack = plan.pack
     kwise = kwise_spec(cfg)
     if kwise is not None and pack is None:  # padded: the implied pairs, trained as pairs
-        train_pairs = train_pairs.to_pairs()[0]
-        eval_pairs = None if eval_pairs is None else eval_pairs.to_pairs()[0]
+        scale = cfg.kwise_margin_scale
+        train_pairs = train_pairs.to_pairs(scale)[0]
+        eval_pairs = None if eval_pairs is None else eval_pairs.to_pairs(scale)[0]
         kwise = None
     unit = "prompts" if kwise is not None else "pairs"
     benchmarks = BenchmarkHook.from_config(cfg, tokenizer, data_parallel_size(mesh))

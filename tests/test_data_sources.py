@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 
 from jaxrm.assets import TINY_MODEL_DIR
 from jaxrm.data import build_datasets
+from jaxrm.data.formats import normalize
 from jaxrm.data.sources import SourceSpec, load_source, mix_indices, parse_mixer
 from jaxrm.errors import UserError
 
@@ -129,3 +130,17 @@ def test_load_errors(tmp_path):
     one_line_error(str(tmp_path / "x.csv"), "x.csv: unsupported file type")
     (tmp_path / "emptydir").mkdir()
     one_line_error(str(tmp_path / "emptydir"), "emptydir: not a dataset directory")
+
+
+def test_a_key_first_seen_in_a_later_row_is_kept(tmp_path):
+    """`datasets.Dataset.from_list` takes its columns from the first row only: a `margin` that
+    only later rows carry must still reach the pairs (rows without it: 0.0)."""
+    path = tmp_path / "late.jsonl"
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    rows = [{"chosen": chat, "rejected": chat}, {"chosen": chat, "rejected": chat, "margin": 2.5}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dataset = load_source(SourceSpec(str(path), "1.0", "train"))
+    assert dataset.column_names == ["chosen", "rejected", "margin"]
+    assert dataset["margin"] == [None, 2.5]
+    margins = [normalize("late", "conversational", r, i).margin for i, r in enumerate(dataset)]
+    assert margins == [0.0, 2.5]

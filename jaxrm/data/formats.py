@@ -9,8 +9,8 @@
 - `pretokenized`: `chosen_input_ids`/`rejected_input_ids` used as is; an optional
   `prompt_input_ids` gives the prompt length for the prompt filter.
 
-Every format may carry a numeric `margin` column (0.0 when absent). A conversational pair whose
-chosen and rejected prompts differ is counted (`prompt_differs`) and reported, not rejected.
+Every format may carry a numeric `margin` column (0.0 when absent or null). A conversational pair
+whose chosen and rejected prompts differ is counted (`prompt_differs`) and reported, not rejected.
 
 K-wise formats (`preference_format="kwise"`: one prompt, K scored responses; see `Group`):
 
@@ -128,7 +128,8 @@ def normalize(name: str, fmt: str, row: dict[str, Any], index: int) -> Example:
     for key in _required_columns(fmt):
         if row.get(key) is None:
             raise UserError(f"{where}: missing key {key!r}")
-    margin = _margin(row.get("margin", 0.0), where)
+    margin = row.get("margin")  # absent or null: 0.0
+    margin = _margin(0.0 if margin is None else margin, where)
     if fmt == PRETOKENIZED:
         prompt = row.get("prompt_input_ids")
         return Example(

@@ -179,9 +179,11 @@ def read_json_rows(path: Path) -> list[dict]:
 
 
 def _from_rows(path: Path, rows: list[dict]) -> datasets.Dataset:
-    """Rows -> Dataset; when arrow cannot type a column, name the offending row instead."""
+    """Rows -> Dataset with the columns of every row (a key first seen in a later row is kept;
+    rows without it hold None); when arrow cannot type a column, name the offending row instead."""
+    keys = list(dict.fromkeys(k for row in rows for k in row))
     try:
-        return datasets.Dataset.from_list(rows)
+        return datasets.Dataset.from_dict({k: [row.get(k) for row in rows] for k in keys})
     except (pa.ArrowException, TypeError, ValueError) as e:
         fmt = detect_format(str(path), list(rows[0]) if rows else [], rows[0] if rows else None)
         validate_rows(str(path), fmt, rows)
