@@ -47,7 +47,7 @@ from jaxrm.data.formats import (
     normalize,
     validate_conversation,
 )
-from jaxrm.data.sources import SourceSpec, load_source
+from jaxrm.data.sources import SourceSpec, load_source, read_json_rows
 from jaxrm.dtypes import EXPORT_DTYPES
 from jaxrm.errors import UserError, exit_on_user_error, run_cli
 from jaxrm.logs import setup_logging
@@ -114,7 +114,10 @@ def kwise_conversations(row: dict[str, Any], where: str) -> list[Messages]:
     `scores` or `ranking`, when present, are checked (`kwise_scores`)."""
     context = [k for k in ("prompt", "messages") if row.get(k) is not None]
     if len(context) != 1:
-        raise UserError(f"{where}: a 'responses' row needs one of 'prompt' or 'messages'")
+        given = "it has both" if context else "it has neither"
+        raise UserError(
+            f"{where}: a 'responses' row needs one of 'prompt' or 'messages' ({given})"
+        )
     key = context[0]
     value = row[key]
     prompt = [{"role": "user", "content": value}] if isinstance(value, str) else value
@@ -181,6 +184,17 @@ def check_context(
             f"{source.describe()}'s context (max_position_embeddings), the first row {row} "
             f"({key_name(key)!r}: {n} tokens); shorten or remove them"
         )
+
+
+def read_rows(data: str) -> list[dict[str, Any]]:
+    """The rows of a file (or hub dataset). Local JSON K-wise rows are kept as written: arrow
+    cannot type `responses` that mix strings and message lists."""
+    path = Path(os.path.expanduser(data))
+    if path.is_file() and path.suffix in (".json", ".jsonl"):
+        rows = read_json_rows(path)
+        if rows and "responses" in rows[0]:
+            return rows
+    return load_source(SourceSpec(data, "1.0", "train")).to_list()
 
 
 def json_safe(value: Any) -> Any:
@@ -270,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
     output = Path(os.path.expanduser(args.output))
     check_output_file(output)
-    rows = load_source(SourceSpec(args.data, "1.0", "train")).to_list()
+    rows = read_rows(args.data)
     conversations = conversations_of(rows, args.data)
     source = locate_model(args.model, step=args.step, tokenizer=args.tokenizer)
     tokenizer = load_tokenizer(source.tokenizer)
