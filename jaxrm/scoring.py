@@ -74,13 +74,7 @@ def locate_model(
             raise UserError(f"{run_dir} step {found}: checkpoint metadata has no hf_config")
         tokenizer = tokenizer or str(tokenizer_dir(run_dir, meta))
         return ModelSource(
-            str(name_or_path),
-            None,
-            run_dir,
-            found,
-            meta,
-            tokenizer,
-            meta["hf_config"],
+            str(name_or_path), None, run_dir, found, meta, tokenizer, meta["hf_config"],
             step is None,
         )
     if step is not None:

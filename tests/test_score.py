@@ -459,10 +459,13 @@ def random_groups(rng, count, responses, prompt_length, response_length):
 
 
 @pytest.mark.parametrize("batch_size", [2, 16])
-def test_grouped_rewards_equal_ungrouped(classifier_dir, batch_size):
+def test_grouped_rewards_equal_ungrouped(classifier_dir, capsys, batch_size):
     """Groups (the `tree` mask: the prompt once, each response a branch) give each sequence the
     reward it gets alone in its segment within 1e-6 (float32 rounding of another summation
-    order), groups split over rows included."""
+    order), groups split over rows included (and logged)."""
+    from jaxrm.logs import setup_logging
+
+    setup_logging()
     path, _, _ = classifier_dir
     mesh = make_mesh(1, -1, 1)
     model, _ = load_model(locate_model(str(path)), mesh)
@@ -479,6 +482,9 @@ def test_grouped_rewards_equal_ungrouped(classifier_dir, batch_size):
     assert np.abs(plain).max() > 0.05
     np.testing.assert_allclose(grouped, plain, rtol=0, atol=1e-6)
     assert not np.array_equal(grouped, plain)  # the grouped path ran
+    assert (
+        "scoring: 2 of 14 prompt groups are longer than a 1024-token row" in capsys.readouterr().err
+    )
 
 
 def test_pack_groups_lays_out_each_sequence_and_splits_long_groups():
