@@ -115,9 +115,7 @@ def kwise_conversations(row: dict[str, Any], where: str) -> list[Messages]:
     context = [k for k in ("prompt", "messages") if row.get(k) is not None]
     if len(context) != 1:
         given = "it has both" if context else "it has neither"
-        raise UserError(
-            f"{where}: a 'responses' row needs one of 'prompt' or 'messages' ({given})"
-        )
+        raise UserError(f"{where}: a 'responses' row needs one of 'prompt' or 'messages' ({given})")
     key = context[0]
     value = row[key]
     prompt = [{"role": "user", "content": value}] if isinstance(value, str) else value
@@ -247,7 +245,9 @@ def set_rewards(
     for (i, key, _), reward in zip(conversations, rewards, strict=True):
         value = float(reward) if np.isfinite(reward) else None
         if isinstance(key, int):
-            scored[i].setdefault("rewards", [None] * len(rows[i]["responses"]))[key] = value
+            if key == 0:  # a fresh list, even where the input row has `rewards`
+                scored[i]["rewards"] = [None] * len(rows[i]["responses"])
+            scored[i]["rewards"][key] = value
         else:
             scored[i][reward_field(key)] = value
     bad = int(np.count_nonzero(~np.isfinite(rewards)))
@@ -342,7 +342,8 @@ def kwise_summary(rows: list[dict[str, Any]], data: str) -> dict[str, float]:
     the strictly highest reward); rows whose scores all tie imply nothing and are left out."""
     correct = pairs = top1 = counted = 0
     for i, row in enumerate(rows):
-        scores = kwise_scores(row, f"{data} row {i}") if "rewards" in row else None
+        kwise = "responses" in row and "rewards" in row
+        scores = kwise_scores(row, f"{data} row {i}") if kwise else None
         rewards = row.get("rewards")
         if scores is None or rewards is None or None in rewards or len(set(scores)) < 2:
             continue

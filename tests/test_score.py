@@ -32,6 +32,10 @@ def classifier_dir(tmp_path_factory):
     return path, model, tokenizer
 
 
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -413,10 +417,22 @@ def test_score_kwise_rows_match_transformers(tmp_path, classifier_dir, capsys):
     out = capsys.readouterr().out
     assert f"{counted} rows with scores, {pairs} implied pairs" in out, out
     assert f"pairwise accuracy {pairwise:.4f}, top-1 accuracy {top1:.4f}" in out, out
-    summary = score_main(
-        ["--model", str(path), "--data", str(tmp_path / "kwise.jsonl"), "--output",
-         str(tmp_path / "again.jsonl"), "--batch_size", "4", "--no_progress"]
-    )  # fmt: skip
+    summary = score_main(  # the scored file again: its `rewards` are replaced
+        [
+            "--model",
+            str(path),
+            "--data",
+            str(tmp_path / "scored-kwise.jsonl"),
+            "--output",
+            str(tmp_path / "again.jsonl"),
+            "--batch_size",
+            "4",
+            "--no_progress",
+        ]
+    )
+    assert [r["rewards"] for r in read_jsonl(tmp_path / "again.jsonl")] == [
+        r["rewards"] for r in scored
+    ]
     assert summary["pairwise_accuracy"] == pytest.approx(pairwise, abs=1e-12)
     assert summary["top1_accuracy"] == pytest.approx(top1, abs=1e-12)
 
