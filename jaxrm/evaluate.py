@@ -15,7 +15,7 @@ The scoring is the benchmarks' own (see `jaxrm.rewardbench.rules` for the defini
 allenai's code each comes from). Every completion becomes a single-turn conversation (user
 prompt, assistant completion) rendered and tokenized once by the tokenizer's chat template, as in
 training; rewards come from `jaxrm.scoring.score_token_ids` (the training model code and sharding,
-length-bucketed batches, one compiled shape per bucket).
+packed rows of one compiled shape; a row's completions are one group, their prompt computed once).
 
 Rows longer than `--max_length` tokens (any of their conversations) are never truncated: they
 are left out of the scores and counted per subset (`too_long`). Subset names a benchmark does not

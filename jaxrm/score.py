@@ -7,11 +7,20 @@
 orbax checkpoint `--step`, default the latest, read directly; the tokenizer saved by training).
 
 A row with `chosen` and `rejected` message lists gets `chosen_reward` and `rejected_reward`; a row
-with `messages` gets `reward`. Rows are written in input order (jsonl, json or parquet, by the
-output's suffix) with all their fields plus the rewards (a non-finite reward as null, with a
-warning); pair rows' accuracy and mean margin are printed at the end. Conversations are packed
-into rows of one shape, like training, so the forward pass compiles once; each distinct token
-sequence is scored once and every copy gets its reward, so identical conversations tie exactly.
+with `messages` gets `reward`; a K-wise row, `prompt` (a string or a message list) or `messages`
+(the conversation so far) with `responses` (each a string or an assistant-only message list) and
+optionally `scores` (higher is better) or a `ranking` (1 = best), gets `rewards`, one per
+response. Rows are written in input order (jsonl, json or parquet, by the output's suffix) with
+all their fields plus the rewards (a non-finite reward as null, with a warning). Printed at the
+end: pair rows' accuracy and mean margin; for K-wise rows with scores or a ranking, the pairwise
+accuracy over the pairs they imply (ties skipped) and the top-1 accuracy (a best-scored response
+gets the strictly highest reward).
+
+Conversations are packed into rows of one shape, like training, so the forward pass compiles
+once; the responses of a row (a pair's chosen and rejected, a K-wise row's responses) share
+their prompt, computed once per row (`jaxrm.scoring.score_token_ids` with `groups`). Each
+distinct token sequence is scored once and every copy gets its reward, so identical
+conversations tie exactly, and a file's row order or repeated rows change no reward.
 
 Refused up front, in one line, before any scoring: an `--output` that is a directory or cannot be
 written; a message role the chat template drops (as training refuses it); a conversation longer
@@ -31,8 +40,14 @@ from typing import Any
 
 import numpy as np
 
-from jaxrm.data.formats import CONVERSATIONAL, detect_format, normalize, validate_conversation
-from jaxrm.data.sources import SourceSpec, load_source
+from jaxrm.data.formats import (
+    CONVERSATIONAL,
+    Messages,
+    detect_format,
+    normalize,
+    validate_conversation,
+)
+from jaxrm.data.sources import SourceSpec, load_source, read_json_rows
 from jaxrm.dtypes import EXPORT_DTYPES
 from jaxrm.errors import UserError, exit_on_user_error, run_cli
 from jaxrm.logs import setup_logging
@@ -41,19 +56,33 @@ from jaxrm.scoring import ModelSource, load_model, locate_model, score_token_ids
 from jaxrm.sharding import make_mesh
 from jaxrm.tokenizer import check_roles, encode_conversation, load_tokenizer
 
+Key = str | int  # the column of a conversation ("messages", "chosen", "rejected"), or response j
 
-def reward_field(key: str) -> str:
-    """The field a conversation's reward is written to: `reward` for `messages`, else
-    `chosen_reward` / `rejected_reward`."""
+
+def reward_field(key: Key) -> str:
+    """The field a conversation's reward is written to: `reward` for `messages`,
+    `chosen_reward` / `rejected_reward`, and `rewards` (a list) for a K-wise row's responses."""
+    if isinstance(key, int):
+        return "rewards"
     return "reward" if key == "messages" else f"{key}_reward"
 
 
-def conversations_of(rows: Sequence[dict[str, Any]], name: str) -> list[tuple[int, str, list]]:
+def key_name(key: Key) -> str:
+    return f"responses[{key}]" if isinstance(key, int) else key
+
+
+def conversations_of(rows: Sequence[dict[str, Any]], name: str) -> list[tuple[int, Key, list]]:
     """(row, key, messages) for every conversation to score, validated; key is the column
-    (`messages`, `chosen` or `rejected`)."""
+    (`messages`, `chosen` or `rejected`) or a K-wise row's response number."""
     columns = list(rows[0]) if rows else []
+    if "responses" in columns:
+        return [
+            (i, j, messages)
+            for i, row in enumerate(rows)
+            for j, messages in enumerate(kwise_conversations(row, f"{name} row {i}"))
+        ]
     if "messages" in columns and "chosen" not in columns:
-        out = []
+        out: list[tuple[int, Key, list]] = []
         for i, row in enumerate(rows):
             if "messages" not in row:
                 raise UserError(f"{name} row {i}: missing key 'messages'")
@@ -64,12 +93,13 @@ def conversations_of(rows: Sequence[dict[str, Any]], name: str) -> list[tuple[in
         fmt = detect_format(name, columns, rows[0] if rows else None)
     except UserError:
         raise UserError(
-            f"{name}: rows need 'chosen' and 'rejected' message lists or 'messages' "
-            f"(columns: {', '.join(columns) or 'none'})"
+            f"{name}: rows need 'chosen' and 'rejected' message lists, 'messages', or "
+            f"'responses' (columns: {', '.join(columns) or 'none'})"
         ) from None
     if fmt != CONVERSATIONAL:
         raise UserError(
-            f"{name}: jaxrm.score reads 'chosen'/'rejected' message lists or 'messages'"
+            f"{name}: jaxrm.score reads 'chosen'/'rejected' message lists, 'messages', or "
+            "'responses'"
         )
     out = []
     for i, row in enumerate(rows):
@@ -78,9 +108,61 @@ def conversations_of(rows: Sequence[dict[str, Any]], name: str) -> list[tuple[in
     return out
 
 
+def kwise_conversations(row: dict[str, Any], where: str) -> list[Messages]:
+    """A K-wise row's conversations, one per response: its prompt (`prompt`: a string is one
+    user message; or `messages`) followed by the response (a string is one assistant message);
+    `scores` or `ranking`, when present, are checked (`kwise_scores`)."""
+    context = [k for k in ("prompt", "messages") if row.get(k) is not None]
+    if len(context) != 1:
+        given = "it has both" if context else "it has neither"
+        raise UserError(f"{where}: a 'responses' row needs one of 'prompt' or 'messages' ({given})")
+    key = context[0]
+    value = row[key]
+    prompt = [{"role": "user", "content": value}] if isinstance(value, str) else value
+    prompt = validate_messages(prompt, where, key)
+    responses = row.get("responses")
+    if not isinstance(responses, list) or not responses:
+        raise UserError(f"{where}: 'responses' must be a non-empty list of responses")
+    out = []
+    for j, response in enumerate(responses):
+        label = f"responses[{j}]"
+        if isinstance(response, str):
+            response = [{"role": "assistant", "content": response}]
+        turns = validate_messages(response, where, label)
+        if any(m["role"] != "assistant" for m in turns):
+            raise UserError(f"{where}: {label} must be a string or assistant-only messages")
+        out.append(prompt + turns)
+    kwise_scores(row, where)
+    return out
+
+
+def kwise_scores(row: dict[str, Any], where: str) -> list[float] | None:
+    """A K-wise row's scores (higher is better; a ranking's as -rank), None without either."""
+    given = [k for k in ("scores", "ranking") if row.get(k) is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise UserError(f"{where}: give 'scores' or 'ranking', not both")
+    key, values, count = given[0], row[given[0]], len(row["responses"])
+    if not isinstance(values, list) or len(values) != count:
+        raise UserError(f"{where}: {key!r} must be a list of {count} numbers, one per response")
+    for j, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise UserError(f"{where}: {key}[{j}] must be a finite number, got {v!r}")
+    return [float(v) for v in values] if key == "scores" else [-float(v) for v in values]
+
+
+def validate_messages(value: Any, where: str, key: str) -> Messages:
+    """A non-empty `{role, content}` string message list ending with any turn (checked as a
+    conversation ending with an assistant turn after it)."""
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{where}: {key!r} must be a string or a non-empty list of messages")
+    return validate_conversation([*value, {"role": "assistant", "content": ""}], where, key)[:-1]
+
+
 def check_context(
     token_ids: list[list[int]],
-    conversations: list[tuple[int, str, list]],
+    conversations: list[tuple[int, Key, list]],
     source: ModelSource,
     data: str,
 ) -> None:
@@ -98,8 +180,19 @@ def check_context(
         raise UserError(
             f"{data}: {count} rows hold conversations longer than the {limit} tokens of "
             f"{source.describe()}'s context (max_position_embeddings), the first row {row} "
-            f"({key!r}: {n} tokens); shorten or remove them"
+            f"({key_name(key)!r}: {n} tokens); shorten or remove them"
         )
+
+
+def read_rows(data: str) -> list[dict[str, Any]]:
+    """The rows of a file (or hub dataset). Local JSON K-wise rows are kept as written: arrow
+    cannot type `responses` that mix strings and message lists."""
+    path = Path(os.path.expanduser(data))
+    if path.is_file() and path.suffix in (".json", ".jsonl"):
+        rows = read_json_rows(path)
+        if rows and "responses" in rows[0]:
+            return rows
+    return load_source(SourceSpec(data, "1.0", "train")).to_list()
 
 
 def json_safe(value: Any) -> Any:
@@ -144,12 +237,19 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def set_rewards(
-    rows: list[dict[str, Any]], conversations: list[tuple[int, str, list]], rewards: np.ndarray
+    rows: list[dict[str, Any]], conversations: list[tuple[int, Key, list]], rewards: np.ndarray
 ) -> list[dict[str, Any]]:
-    """Copies of `rows` with each conversation's reward (None where not finite, with a warning)."""
+    """Copies of `rows` with each conversation's reward (None where not finite, with a warning);
+    a K-wise row's `rewards` in the order of its `responses`."""
     scored = [dict(row) for row in rows]
     for (i, key, _), reward in zip(conversations, rewards, strict=True):
-        scored[i][reward_field(key)] = float(reward) if np.isfinite(reward) else None
+        value = float(reward) if np.isfinite(reward) else None
+        if isinstance(key, int):
+            if key == 0:  # a fresh list, even where the input row has `rewards`
+                scored[i]["rewards"] = [None] * len(rows[i]["responses"])
+            scored[i]["rewards"][key] = value
+        else:
+            scored[i][reward_field(key)] = value
     bad = int(np.count_nonzero(~np.isfinite(rewards)))
     if bad:
         print(
@@ -184,13 +284,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
     output = Path(os.path.expanduser(args.output))
     check_output_file(output)
-    rows = load_source(SourceSpec(args.data, "1.0", "train")).to_list()
+    rows = read_rows(args.data)
     conversations = conversations_of(rows, args.data)
     source = locate_model(args.model, step=args.step, tokenizer=args.tokenizer)
     tokenizer = load_tokenizer(source.tokenizer)
     rendered: set[str] = set()
     for i, key, messages in conversations:
-        check_roles(tokenizer, messages, f"{args.data} row {i}", key, rendered)
+        check_roles(tokenizer, messages, f"{args.data} row {i}", key_name(key), rendered)
     token_ids = [
         encode_conversation(tokenizer, messages, f"{args.data} row {i}")
         for i, _, messages in conversations
@@ -198,17 +298,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     check_context(token_ids, conversations, source, args.data)
     mesh = make_mesh(1, -1, 1)
     model, source = load_model(source, mesh, dtype=args.dtype, vocab_size=len(tokenizer))
-    rewards = score_token_ids(model, token_ids, args.batch_size, mesh, not args.no_progress)
+    rows_of = [i for i, _, _ in conversations]  # a row's conversations share its prompt
+    progress = not args.no_progress
+    rewards = score_token_ids(model, token_ids, args.batch_size, mesh, progress, groups=rows_of)
     scored = set_rewards(rows, conversations, rewards)
     write_rows(output, scored)
-    summary = pair_summary(scored)
-    if summary:
+    summary = pair_summary(scored) | kwise_summary(scored, args.data)
+    if "pairs" in summary:
         print(
             f"{summary['pairs']} pairs: accuracy {summary['accuracy']:.4f}, "
             f"mean margin {summary['mean_margin']:.4f} -> {output}"
         )
+    elif "kwise_rows" in summary:
+        print(
+            f"{summary['kwise_rows']} rows with scores, {summary['kwise_pairs']} implied pairs: "
+            f"pairwise accuracy {summary['pairwise_accuracy']:.4f}, top-1 accuracy "
+            f"{summary['top1_accuracy']:.4f} -> {output}"
+        )
     else:
-        print(f"{len(scored)} conversations scored -> {output}")
+        print(f"{len(conversations)} conversations scored -> {output}")
     return summary
 
 
@@ -225,6 +333,34 @@ def pair_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
         "pairs": len(pairs),
         "accuracy": float(np.mean(margins > 0)),
         "mean_margin": float(np.mean(margins)),
+    }
+
+
+def kwise_summary(rows: list[dict[str, Any]], data: str) -> dict[str, float]:
+    """Over K-wise rows with scores (or a ranking) and finite rewards: the pairwise accuracy over
+    the pairs the scores imply (ties skipped) and the top-1 accuracy (a best-scored response gets
+    the strictly highest reward); rows whose scores all tie imply nothing and are left out."""
+    correct = pairs = top1 = counted = 0
+    for i, row in enumerate(rows):
+        kwise = "responses" in row and "rewards" in row
+        scores = kwise_scores(row, f"{data} row {i}") if kwise else None
+        rewards = row.get("rewards")
+        if scores is None or rewards is None or None in rewards or len(set(scores)) < 2:
+            continue
+        s, r = np.array(scores), np.array(rewards, np.float64)
+        higher = s[:, None] > s[None, :]  # [a, b]: a is scored above b
+        pairs += int(higher.sum())
+        correct += int((higher & (r[:, None] > r[None, :])).sum())
+        best = np.flatnonzero(r == r.max())
+        top1 += int(len(best) == 1 and s[best[0]] == s.max())
+        counted += 1
+    if not counted:
+        return {}
+    return {
+        "kwise_rows": counted,
+        "kwise_pairs": pairs,
+        "pairwise_accuracy": correct / pairs,
+        "top1_accuracy": top1 / counted,
     }
 
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import logging
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ from jaxrm.models.attention import Choice
 from jaxrm.models.family import ModelConfig
 from jaxrm.plan import abstract_state, model_config, resolve_for
 from jaxrm.sharding import activation_sharding, data_parallel_size, gather_to_host
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,8 +142,11 @@ def load_model(
 
 def scoring_attention(hf_config: dict[str, Any], dtype: str) -> Choice:
     """The attention per mask kind scoring runs with: the run plan's resolution for packed rows
-    without shared prompts (scoring packs whole sequences), on this backend."""
-    return resolve_for(hf_config, dtype, AUTO, jax.default_backend(), "packed").kernels
+    with shared prompts (scoring packs a prompt's responses as one tree group, single sequences
+    as segments), on this backend."""
+    return resolve_for(
+        hf_config, dtype, AUTO, jax.default_backend(), "packed", prefix_sharing=True
+    ).kernels
 
 
 def check_finite(model: nnx.Module, config: ModelConfig, where: str) -> None:
@@ -186,47 +192,111 @@ def distinct_sequences(token_ids: Sequence[Sequence[int]]) -> tuple[list, np.nda
     return [token_ids[first[k]] for k in distinct], copies
 
 
+def shared_groups(copies: np.ndarray, keys: Sequence[Hashable], count: int) -> list[list[int]]:
+    """The distinct sequences (`count`, `copies` from `distinct_sequences`) joined into groups:
+    two are in one group when some key is given to a copy of each (a prompt's responses share
+    its row's key), transitively. Members ascend; groups are ordered by their first member. Both
+    follow from the contents alone (not from the order or repeats of the keyed sequences)."""
+    if len(keys) != len(copies):
+        raise ValueError(f"{len(keys)} group keys for {len(copies)} sequences")
+    parent = list(range(count))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[Hashable, int] = {}
+    for copy, key in zip(copies.tolist(), keys, strict=True):
+        a, b = root(first.setdefault(key, copy)), root(copy)
+        parent[max(a, b)] = min(a, b)  # a group's root is its first member
+    members: dict[int, list[int]] = {}
+    for i in range(count):
+        members.setdefault(root(i), []).append(i)
+    return list(members.values())
+
+
 def score_token_ids(
-    model: nnx.Module, token_ids: list[list[int]], batch_size: int, mesh, progress: bool = True
+    model: nnx.Module,
+    token_ids: list[list[int]],
+    batch_size: int,
+    mesh,
+    progress: bool = True,
+    groups: Sequence[Hashable] | None = None,
 ) -> np.ndarray:
     """Rewards of token sequences. Each distinct sequence is scored once and every copy gets its
     reward, so equal sequences tie exactly (a benchmark's strict `>` or top-share rule sees a tie,
-    not float noise from where a copy landed in a packed row)."""
+    not float noise from where a copy landed in a packed row). `groups`: a key per sequence (a
+    row's); the sequences of one key (a prompt's responses) are packed as one group, their
+    common prefix computed once (`shared_groups`, `jaxrm.data.packing.pack_groups`)."""
     if not len(token_ids):
         return np.zeros(0, np.float32)
     distinct, copies = distinct_sequences(token_ids)
-    return _score_distinct(model, distinct, batch_size, mesh, progress)[copies]
+    shared = None if groups is None else shared_groups(copies, groups, len(distinct))
+    if shared is not None and all(len(g) == 1 for g in shared):
+        shared = None  # nothing to share: single sequences, as without groups
+    return _score_distinct(model, distinct, batch_size, mesh, progress, shared)[copies]
 
 
-def _score_distinct(
-    model: nnx.Module, token_ids: list, batch_size: int, mesh, progress: bool
-) -> np.ndarray:
-    """Packed like training (jaxrm/data/packing.py: rows holding whole sequences, one compiled
-    shape), `batch_size` sequences of average length per device and forward pass; the score is
-    read at each sequence's last token. The next micro-batch is prepared and dispatched before
-    the previous one's rewards are fetched (`IN_FLIGHT`), so host and devices overlap."""
-    graphdef, state = nnx.split(model)
-    dp = data_parallel_size(mesh)
-    lengths = np.array([len(t) for t in token_ids], np.int64)
+def scoring_spec(lengths: np.ndarray, batch_size: int, devices: int) -> packing.PackSpec:
+    """Rows of the longest sequence (rounded up to whole blocks, at least `MIN_MICRO_TOKENS`),
+    as many per device as hold `batch_size` sequences of average length."""
     length = -(-max(int(lengths.max()), packing.MIN_MICRO_TOKENS) // packing.ROW_MULTIPLE)
     length *= packing.ROW_MULTIPLE
     rows = max(1, math.ceil(batch_size * float(lengths.mean()) / length))
-    spec = packing.PackSpec(length=length, rows=rows, devices=dp, slots=0, share_prefix=False)
-    micro_batches = packing.pack_sequences(lengths, spec)
-    row_fields = ("input_ids", "positions", "segment_ids")  # no branches: nothing is shared
+    return packing.PackSpec(length=length, rows=rows, devices=devices, slots=0, share_prefix=False)
+
+
+def _score_distinct(
+    model: nnx.Module,
+    token_ids: list,
+    batch_size: int,
+    mesh,
+    progress: bool,
+    groups: list[list[int]] | None,
+) -> np.ndarray:
+    """Packed like training (jaxrm/data/packing.py: rows holding whole sequences or groups, one
+    compiled shape), `batch_size` sequences of average length per device and forward pass; the
+    score is read at each sequence's last token. The next micro-batch is prepared and dispatched
+    before the previous one's rewards are fetched (`IN_FLIGHT`), so host and devices overlap."""
+    graphdef, state = nnx.split(model)
+    lengths = np.array([len(t) for t in token_ids], np.int64)
+    spec = scoring_spec(lengths, batch_size, data_parallel_size(mesh))
+    row_fields: tuple[str, ...] = ("input_ids", "positions", "segment_ids")
+    if groups is None:
+        micro_batches: packing.SequencePacking | packing.GroupPacking = packing.pack_sequences(
+            lengths, spec
+        )
+    else:
+        micro_batches = packing.pack_groups(token_ids, groups, spec)
+        row_fields += ("branch_ids",)  # the `tree` mask kind: branches read their prefix
+        if micro_batches.split:
+            log.info(
+                "scoring: %d of %d prompt groups are longer than a %d-token row, split into "
+                "sub-groups that each repeat the prompt",
+                micro_batches.split,
+                len(groups),
+                spec.length,
+            )
     shardings = batch_shardings(mesh, {k: PACKED_FIELDS[k] for k in row_fields})
     shardings["index"] = batch_shardings(mesh, {"index": PACKED_FIELDS["chosen_index"]})["index"]
 
     @jax.jit
     def forward(state, batch):
         with activation_sharding(mesh):
-            rows = (batch[k] for k in row_fields)
-            scores = nnx.merge(graphdef, state).token_scores(*rows, None)
+            rows = [batch[k] for k in row_fields]
+            branches = rows[3] if len(rows) > 3 else None  # None: no prompt is shared
+            scores = nnx.merge(graphdef, state).token_scores(*rows[:3], branches)
         per_device = scores.reshape(batch["index"].shape[0], -1)
         return jnp.take_along_axis(per_device, batch["index"], axis=1)
 
     def dispatch(micro: dict[str, np.ndarray]) -> jax.Array:
-        host = dict(micro, input_ids=packing.fill_tokens(micro, token_ids))
+        host = (
+            micro
+            if groups is not None
+            else dict(micro, input_ids=packing.fill_tokens(micro, token_ids))
+        )
         local = local_part(
             {k: host[k] for k in shardings}, jax.process_index(), jax.process_count()
         )

@@ -111,9 +111,31 @@ def margin_to_a_flip(scores):
     return min(abs(a - b) for _, rewards in scores for a in rewards for b in rewards if a != b)
 
 
+@pytest.fixture
+def group_keys(monkeypatch):
+    """The group keys jaxrm.evaluate scores with (the real scoring runs)."""
+    from jaxrm.rewardbench import run
+
+    seen, score = [], run.score_token_ids
+
+    def spy(model, token_ids, batch_size, mesh, progress, groups):
+        seen.append(list(groups))
+        return score(model, token_ids, batch_size, mesh, progress, groups)
+
+    monkeypatch.setattr(run, "score_token_ids", spy)
+    return seen
+
+
 @pytest.mark.parametrize("benchmark", ["rewardbench", "rewardbench2"])
 @pytest.mark.parametrize("limit", ["none", "some_too_long"])
-def test_scores_match_transformers(tmp_path, classifier_dir, capsys, benchmark, limit):  # noqa: F811
+def test_scores_match_transformers(
+    tmp_path,
+    classifier_dir,  # noqa: F811
+    capsys,
+    group_keys,
+    benchmark,
+    limit,
+):
     path, model, tokenizer = classifier_dir
     fixture = BENCHMARK_FIXTURES[benchmark]
     rows = read_jsonl(fixture)
@@ -130,6 +152,10 @@ def test_scores_match_transformers(tmp_path, classifier_dir, capsys, benchmark, 
     payload = evaluate_main([*args, "--no_progress"])
 
     subsets, sections, overall = expected_scores(benchmark, rows, scores, max_length)
+    # one group per scored row: its completions share the prompt (computed once)
+    sizes = [len(lengths) for lengths, _ in scores if max(lengths) <= max_length]
+    (keys,) = group_keys
+    assert [keys.count(k) for k in dict.fromkeys(keys)] == sizes
     got = {s["name"]: s for s in payload["subsets"]}
     assert set(got) == set(subsets)
     for name, (score, correct, scored, too_long) in subsets.items():

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from jaxrm.assets import TINY_EVAL_FILE, TINY_MODEL_DIR
+from jaxrm.data.packing import PackSpec, common_prefix_length, pack_groups
 from jaxrm.score import main as score_main
 from jaxrm.score import set_rewards, write_rows
 from jaxrm.scoring import distinct_sequences, load_model, locate_model, score_token_ids
@@ -29,6 +30,10 @@ def classifier_dir(tmp_path_factory):
     model = save_tiny_classifier(path, "gqa", vocab_size=vocab, pad_token_id=tokenizer.pad_token_id)
     tokenizer.save_pretrained(path)
     return path, model, tokenizer
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def write_jsonl(path, rows):
@@ -336,3 +341,223 @@ def test_a_conversation_longer_than_the_context_is_refused(tmp_path, capsys, cla
     assert f"2 rows hold conversations longer than the {limit} tokens" in line, line
     assert f"the first row 1 ('rejected': {n} tokens)" in line, line
     assert not (tmp_path / "o.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# A prompt's responses packed as one group (issue 19)
+
+
+def kwise_rows(count: int) -> list[dict]:
+    """K-wise rows from the tiny eval pairs: per prompt (string) its distinct answers (strings
+    or assistant-only message lists), chosen ones scored 1, rejected 0 (a ranking every third)."""
+    answers: dict[str, dict[str, float]] = {}
+    for line in TINY_EVAL_FILE.read_text().splitlines()[:count]:
+        row = json.loads(line)
+        scored = answers.setdefault(row["chosen"][0]["content"], {})
+        scored.setdefault(row["chosen"][-1]["content"], 1.0)
+        scored.setdefault(row["rejected"][-1]["content"], 0.0)
+    rows = []
+    for n, (prompt, scored) in enumerate(answers.items()):
+        texts, scores = list(scored)[:6], list(scored.values())[:6]
+        if n % 2:
+            texts[0] = [{"role": "assistant", "content": texts[0]}]
+        row = {"prompt": prompt, "responses": texts}
+        if n % 3 == 1:
+            row["ranking"] = [1 if s else 2 for s in scores]
+        else:
+            row["scores"] = scores
+        rows.append(row)
+    return rows
+
+
+def kwise_accuracies(rows):
+    """The pairwise and top-1 accuracy by their definitions, from the written rewards."""
+    correct = pairs = top1 = counted = 0
+    for row in rows:
+        scores = row.get("scores") or [-r for r in row["ranking"]]
+        if len(set(scores)) < 2:
+            continue
+        rewards = row["rewards"]
+        for a in range(len(scores)):
+            for b in range(len(scores)):
+                if scores[a] > scores[b]:
+                    pairs += 1
+                    correct += rewards[a] > rewards[b]
+        best = [j for j, r in enumerate(rewards) if r == max(rewards)]
+        top1 += len(best) == 1 and scores[best[0]] == max(scores)
+        counted += 1
+    return correct / pairs, top1 / counted, counted, pairs
+
+
+def test_score_kwise_rows_match_transformers(tmp_path, classifier_dir, capsys):
+    """Every response's reward equals transformers' (one forward per conversation) within 1e-4
+    (float32; the tree-masked group computes the prompt once), and the printed accuracies are
+    their definitions on the written rewards."""
+    import torch
+
+    path, model, tokenizer = classifier_dir
+    rows = kwise_rows(60)
+    assert max(len(r["responses"]) for r in rows) >= 4
+    scored = score_rows(tmp_path, path, rows, "kwise.jsonl", "--batch_size", "4", "--no_progress")
+    for row, got in zip(rows, scored, strict=True):
+        assert {k: v for k, v in got.items() if k != "rewards"} == row
+        assert len(got["rewards"]) == len(row["responses"])
+        for response, reward in zip(row["responses"], got["rewards"], strict=True):
+            turns = (
+                [{"role": "assistant", "content": response}]
+                if isinstance(response, str)
+                else response
+            )
+            conv = [{"role": "user", "content": row["prompt"]}, *turns]
+            ids = tokenizer.apply_chat_template(conv, tokenize=True, return_dict=False)
+            with torch.no_grad():
+                expected = model(torch.tensor([ids])).logits[0, 0].item()
+            assert abs(reward - expected) <= 1e-4
+    pairwise, top1, counted, pairs = kwise_accuracies(scored)
+    out = capsys.readouterr().out
+    assert f"{counted} rows with scores, {pairs} implied pairs" in out, out
+    assert f"pairwise accuracy {pairwise:.4f}, top-1 accuracy {top1:.4f}" in out, out
+    summary = score_main(  # the scored file again: its `rewards` are replaced
+        [
+            "--model",
+            str(path),
+            "--data",
+            str(tmp_path / "scored-kwise.jsonl"),
+            "--output",
+            str(tmp_path / "again.jsonl"),
+            "--batch_size",
+            "4",
+            "--no_progress",
+        ]
+    )
+    assert [r["rewards"] for r in read_jsonl(tmp_path / "again.jsonl")] == [
+        r["rewards"] for r in scored
+    ]
+    assert summary["pairwise_accuracy"] == pytest.approx(pairwise, abs=1e-12)
+    assert summary["top1_accuracy"] == pytest.approx(top1, abs=1e-12)
+
+
+def test_kwise_rows_shuffled_and_repeated_score_bit_identical(tmp_path, classifier_dir):
+    """A K-wise file and the same rows shuffled, repeated, with responses reordered: each
+    conversation gets the very same float32 reward (packing follows the contents alone)."""
+    path, _, _ = classifier_dir
+    base = kwise_rows(40)
+    base[0]["responses"].append(base[0]["responses"][1])  # a tie inside one group
+    base[0]["scores"].append(base[0]["scores"][1])
+    rng = np.random.default_rng(0)
+    repeated = []
+    for i in rng.permutation(np.repeat(np.arange(len(base)), 2)):
+        order = rng.permutation(len(base[i]["responses"])).tolist()
+        row = {"prompt": base[i]["prompt"], "responses": [base[i]["responses"][j] for j in order]}
+        repeated.append(row)
+    plain = score_rows(tmp_path, path, base, "base.jsonl", "--no_progress")
+    dup = score_rows(tmp_path, path, repeated, "dup.jsonl", "--no_progress")
+    assert plain[0]["rewards"][1] == plain[0]["rewards"][-1]
+    expected = {
+        json.dumps([r["prompt"], x]): y
+        for r in plain
+        for x, y in zip(r["responses"], r["rewards"], strict=True)
+    }
+    for row in dup:
+        for x, y in zip(row["responses"], row["rewards"], strict=True):
+            assert y == expected[json.dumps([row["prompt"], x])]
+
+
+def random_groups(rng, count, responses, prompt_length, response_length):
+    """Token sequences of `count` prompts with `responses` each (ids below the tiny vocab)."""
+    seqs, keys = [], []
+    for g in range(count):
+        prompt = rng.integers(1, 96, rng.integers(*prompt_length)).tolist()
+        for _ in range(rng.integers(*responses)):
+            seqs.append(prompt + rng.integers(1, 96, rng.integers(*response_length)).tolist())
+            keys.append(g)
+    return seqs, keys
+
+
+@pytest.mark.parametrize("batch_size", [2, 16])
+def test_grouped_rewards_equal_ungrouped(classifier_dir, capsys, batch_size):
+    """Groups (the `tree` mask: the prompt once, each response a branch) give each sequence the
+    reward it gets alone in its segment within 1e-6 (float32 rounding of another summation
+    order), groups split over rows included (and logged)."""
+    from jaxrm.logs import setup_logging
+
+    setup_logging()
+    path, _, _ = classifier_dir
+    mesh = make_mesh(1, -1, 1)
+    model, _ = load_model(locate_model(str(path)), mesh)
+    rng = np.random.default_rng(2)
+    seqs, keys = random_groups(rng, 12, (1, 7), (1, 60), (1, 60))
+    long, long_keys = random_groups(rng, 2, (12, 13), (5, 10), (100, 110))  # > 1024 tokens
+    seqs, keys = seqs + long, keys + [k + 100 for k in long_keys]
+    for g in (100, 101):  # each longer than the 1024-token rows: split
+        members = [np.array(s) for s, k in zip(seqs, keys, strict=True) if k == g]
+        prefix = common_prefix_length(members)
+        assert prefix + sum(len(m) - prefix for m in members) > 1024
+    plain = score_token_ids(model, seqs, batch_size, mesh, progress=False)
+    grouped = score_token_ids(model, seqs, batch_size, mesh, progress=False, groups=keys)
+    assert np.abs(plain).max() > 0.05
+    np.testing.assert_allclose(grouped, plain, rtol=0, atol=1e-6)
+    assert not np.array_equal(grouped, plain)  # the grouped path ran
+    assert (
+        "scoring: 2 of 14 prompt groups are longer than a 1024-token row" in capsys.readouterr().err
+    )
+
+
+def test_pack_groups_lays_out_each_sequence_and_splits_long_groups():
+    """Every sequence is read back from its row as what its last token attends to (the prefix of
+    its segment, then its own branch) with its positions; a group longer than a row is split
+    into sub-groups that each repeat the prefix, and every sub-group fits."""
+    rng = np.random.default_rng(3)
+    prompt = rng.integers(1, 50, 30).tolist()
+    seqs = [prompt + rng.integers(1, 50, n).tolist() for n in (40, 70, 20, 90, 60)]
+    seqs += [rng.integers(1, 50, n).tolist() for n in (5, 128)]
+    groups = [[0, 1, 2, 3, 4], [5], [6]]
+    spec = PackSpec(length=128, rows=2, devices=2, slots=0, share_prefix=False)
+    packed = pack_groups(seqs, groups, spec)
+    assert packed.split == 1
+    assert [m for m, _ in packed.groups] == [[0], [1, 2], [3], [4], [5], [6]]  # in order, greedy
+    assert [p for _, p in packed.groups] == [30, 30, 30, 30, 0, 0]
+    assert packed.tokens == sum(map(len, seqs)) - 30  # one prefix saved: 5 sequences, 4 groups
+    seen = {}
+    for batch in packed:
+        assert batch["input_ids"].shape == (4, 128)
+        for device, slot in zip(*np.nonzero(batch["weight"]), strict=True):
+            index = int(batch["index"][device, slot])
+            row, end = device * 2 + index // 128, index % 128
+            seg, branch = batch["segment_ids"][row], batch["branch_ids"][row]
+            visible = (seg[: end + 1] == seg[end]) & (
+                (branch[: end + 1] == 0) | (branch[: end + 1] == branch[end])
+            )
+            item = int(batch["order"][device, slot])
+            got = batch["input_ids"][row, : end + 1][visible].tolist()
+            assert batch["positions"][row, : end + 1][visible].tolist() == list(range(len(got)))
+            seen[item] = got
+    assert seen == dict(enumerate(seqs))
+
+
+@pytest.mark.parametrize(
+    "case", ["no_prompt", "both_prompts", "user_response", "empty", "score_count", "both_scores"]
+)
+def test_kwise_row_errors_are_one_line(tmp_path, capsys, case):
+    """Named by row and key before the model is even located (`--model` does not exist)."""
+    good = {"prompt": "q", "responses": ["a", "b"], "scores": [1, 0]}
+    bad = {
+        "no_prompt": {"responses": ["a", "b"]},
+        "both_prompts": dict(good, messages=[{"role": "user", "content": "q"}]),
+        "user_response": dict(good, responses=["a", [{"role": "user", "content": "b"}]]),
+        "empty": dict(good, responses=[]),
+        "score_count": dict(good, scores=[1, 0, 2]),
+        "both_scores": dict(good, ranking=[1, 2]),
+    }[case]
+    expected = {
+        "no_prompt": "needs one of 'prompt' or 'messages' (it has neither)",
+        "both_prompts": "needs one of 'prompt' or 'messages' (it has both)",
+        "user_response": "responses[1] must be a string or assistant-only messages",
+        "empty": "'responses' must be a non-empty list",
+        "score_count": "'scores' must be a list of 2 numbers, one per response",
+        "both_scores": "give 'scores' or 'ranking', not both",
+    }[case]
+    data = write_jsonl(tmp_path / "k.jsonl", [good, bad])
+    args = ["--model", str(tmp_path / "nope"), "--data", str(data)]
+    line = user_error(capsys, *args, "--output", str(tmp_path / "o.jsonl"))
+    assert "k.jsonl row 1: " in line and expected in line, line

@@ -253,17 +253,13 @@ def place_tree(
     return last, cursor
 
 
-@dataclasses.dataclass(frozen=True)
-class SequencePacking:
-    """Single sequences (to score, not pairs) packed one segment each: iterating builds the
-    micro-batches one at a time (host memory holds one, not all). Per micro-batch: the rows'
-    `positions`, `segment_ids` and `branch_ids` (0); per device and slot the flat `index` of a
-    sequence's last token, the sequence (`order`) and `weight`; and `placements` (row, start,
-    sequence) for `fill_tokens`."""
+class _ScoringRows:
+    """Micro-batches built one at a time from `rows` (host memory holds one, not all), each with
+    per device and slot the flat `index` of a sequence's last token, the sequence (`order`) and
+    `weight` (`_slot_fields`)."""
 
-    lengths: np.ndarray
-    rows: list[list[int]]  # sequences per row, from `first_fit_decreasing`
-    spec: PackSpec  # `slots` resolved
+    rows: list[list[int]]
+    spec: PackSpec
 
     def __len__(self) -> int:
         return max(1, math.ceil(len(self.rows) / self.spec.micro_rows))
@@ -274,13 +270,41 @@ class SequencePacking:
             yield self._micro_batch(self.rows[m * g : (m + 1) * g])
 
     def _micro_batch(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+def _slot_fields(spec: PackSpec) -> dict[str, np.ndarray]:
+    return {
+        "index": np.zeros((spec.devices, spec.slots), np.int32),
+        "order": np.zeros((spec.devices, spec.slots), np.int64),
+        "weight": np.zeros((spec.devices, spec.slots), np.float32),
+    }
+
+
+def _resolve_slots(spec: PackSpec, rows: list[list[int]], sizes: np.ndarray) -> PackSpec:
+    """`spec` with `slots` (0: as many as the fullest device of a micro-batch needs), where item
+    i of a row holds `sizes[i]` sequences."""
+    per_device = [
+        int(sum(sizes[i] for row in rows[r : r + spec.rows] for i in row))
+        for r in range(0, len(rows), spec.rows)
+    ]
+    return dataclasses.replace(spec, slots=spec.slots or max([1, *per_device]))
+
+
+@dataclasses.dataclass(frozen=True)
+class SequencePacking(_ScoringRows):
+    """Single sequences (to score, not pairs) packed one segment each. Per micro-batch: the rows'
+    `positions`, `segment_ids` and `branch_ids` (0), the slots (`_ScoringRows`), and
+    `placements` (row, start, sequence) for `fill_tokens`."""
+
+    lengths: np.ndarray
+    rows: list[list[int]]  # sequences per row, from `first_fit_decreasing`
+    spec: PackSpec  # `slots` resolved
+
+    def _micro_batch(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
         spec, t = self.spec, self.spec.length
         batch = _zero_rows(spec, "positions", "segment_ids", "branch_ids")
-        batch.update(
-            index=np.zeros((spec.devices, spec.slots), np.int32),
-            order=np.zeros((spec.devices, spec.slots), np.int64),
-            weight=np.zeros((spec.devices, spec.slots), np.float32),
-        )
+        batch.update(_slot_fields(spec))
         placements = []
         used = [0] * spec.devices  # slots filled per device
         for r, members in enumerate(rows):
@@ -306,9 +330,7 @@ def pack_sequences(lengths: np.ndarray, spec: PackSpec) -> SequencePacking:
     if len(lengths):
         check_fits(int(lengths.max()), spec)
     rows = first_fit_decreasing(lengths, spec.length)
-    per_device = [sum(map(len, rows[i : i + spec.rows])) for i in range(0, len(rows), spec.rows)]
-    spec = dataclasses.replace(spec, slots=spec.slots or max([1, *per_device]))
-    return SequencePacking(lengths, rows, spec)
+    return SequencePacking(lengths, rows, _resolve_slots(spec, rows, np.ones(len(lengths), int)))
 
 
 def fill_tokens(batch: dict[str, np.ndarray], sequences: list) -> np.ndarray:
@@ -318,3 +340,82 @@ def fill_tokens(batch: dict[str, np.ndarray], sequences: list) -> np.ndarray:
         tokens = sequences[item]
         ids[row, start : start + len(tokens)] = tokens
     return ids
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupPacking(_ScoringRows):
+    """Sequences to score that share a prefix (a prompt's responses), packed one tree group each
+    (`place_tree`: the prefix once, each sequence's rest a branch). Per micro-batch: the rows'
+    `input_ids`, `positions`, `segment_ids` and `branch_ids`, and the slots (`_ScoringRows`)."""
+
+    sequences: list[np.ndarray]
+    groups: list[tuple[list[int], int]]  # (sequences, shared prefix length) after splitting
+    rows: list[list[int]]  # groups per row, from `first_fit_decreasing`
+    spec: PackSpec  # `slots` resolved
+    split: int  # groups longer than a row, split into sub-groups that each repeat the prefix
+
+    @property
+    def tokens(self) -> int:
+        """Tokens placed in rows (each prefix once per sub-group)."""
+        return sum(_group_length(self.sequences, g) for g in self.groups)
+
+    def _micro_batch(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
+        spec, t = self.spec, self.spec.length
+        batch = _zero_rows(spec, "input_ids", "positions", "segment_ids", "branch_ids")
+        batch.update(_slot_fields(spec))
+        fields = [batch[k] for k in ("input_ids", "positions", "segment_ids", "branch_ids")]
+        used = [0] * spec.devices  # slots filled per device
+        for r, items in enumerate(rows):
+            device, local_row = divmod(r, spec.rows)
+            start = 0
+            for segment, item in enumerate(items, start=1):
+                members, prefix = self.groups[item]
+                sequences = [self.sequences[i] for i in members]
+                row = [f[r] for f in fields]
+                last, start = place_tree(*row, start, segment, sequences, prefix)
+                for i, end in zip(members, last, strict=True):
+                    slot = used[device]
+                    batch["index"][device, slot] = local_row * t + end
+                    batch["order"][device, slot] = i
+                    batch["weight"][device, slot] = 1.0
+                    used[device] += 1
+        return batch
+
+
+def _group_length(sequences: list[np.ndarray], group: tuple[list[int], int]) -> int:
+    members, prefix = group
+    return prefix + sum(len(sequences[i]) - prefix for i in members)
+
+
+def split_group(lengths: list[int], prefix: int, capacity: int) -> list[list[int]]:
+    """Positions of a group's sequences (of `lengths`, sharing `prefix` tokens) in sub-groups of
+    at most `capacity` tokens each, the prefix repeated in each; in order, greedily."""
+    out: list[list[int]] = []
+    size = capacity + 1
+    for k, n in enumerate(lengths):
+        if size + n - prefix > capacity:
+            out.append([])
+            size = prefix
+        out[-1].append(k)
+        size += n - prefix
+    return out
+
+
+def pack_groups(sequences: list, groups: list[list[int]], spec: PackSpec) -> GroupPacking:
+    """`groups` (indices into `sequences`, in placing order) packed as tree groups sharing their
+    common prefix (`common_prefix_length`) by `first_fit_decreasing`; a group longer than a row
+    is split into sub-groups that each repeat the prefix (see `GroupPacking`). Every sequence
+    must fit a row alone."""
+    sequences = [np.asarray(s, np.int32) for s in sequences]
+    placed, split = [], 0
+    for members in groups:
+        prefix = common_prefix_length([sequences[i] for i in members])
+        parts = split_group([len(sequences[i]) for i in members], prefix, spec.length)
+        split += len(parts) > 1
+        placed += [([members[k] for k in part], prefix) for part in parts]
+    lengths = np.array([_group_length(sequences, g) for g in placed], np.int64)
+    if len(lengths):
+        check_fits(int(lengths.max()), spec)
+    rows = first_fit_decreasing(lengths, spec.length)
+    sizes = np.array([len(m) for m, _ in placed], np.int64)
+    return GroupPacking(sequences, placed, rows, _resolve_slots(spec, rows, sizes), split)

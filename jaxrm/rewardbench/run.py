@@ -36,9 +36,12 @@ def score_prepared(
     progress: bool = True,
     ties_formula: str = DEFAULT_TIES_FORMULA,
 ) -> BenchmarkResult:
-    """Rewards every scorable conversation (`score_token_ids`) and scores the benchmark."""
-    flat = [ids for row in prepared.token_ids if row is not None for ids in row]
-    rewards = score_token_ids(model, flat, batch_size, mesh, progress) if flat else []
+    """Rewards every scorable conversation (`score_token_ids`, a row's completions packed as one
+    group sharing its prompt) and scores the benchmark."""
+    scorable = [(i, row) for i, row in enumerate(prepared.token_ids) if row is not None]
+    flat = [ids for _, row in scorable for ids in row]
+    groups = [i for i, row in scorable for _ in row]
+    rewards = score_token_ids(model, flat, batch_size, mesh, progress, groups) if flat else []
     scored, at = [], 0
     for row, ids in zip(prepared.rows, prepared.token_ids, strict=True):
         values = None
