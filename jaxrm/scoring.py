@@ -229,7 +229,7 @@ def score_token_ids(
     reward, so equal sequences tie exactly (a benchmark's strict `>` or top-share rule sees a tie,
     not float noise from where a copy landed in a packed row). `groups`: a key per sequence (a
     row's); the sequences of one key (a prompt's responses) are packed as one group, their
-    common prefix computed once (`shared_groups`, `jaxrm.data.packing.pack_groups`)."""
+    common prefix computed once (`shared_groups`, `jaxrm.data.packing.pack_sequence_groups`)."""
     if not len(token_ids):
         return np.zeros(0, np.float32)
     distinct, copies = distinct_sequences(token_ids)
@@ -269,7 +269,7 @@ def _score_distinct(
             lengths, spec
         )
     else:
-        micro_batches = packing.pack_groups(token_ids, groups, spec)
+        micro_batches = packing.pack_sequence_groups(token_ids, groups, spec)
         row_fields += ("branch_ids",)  # the `tree` mask kind: branches read their prefix
         if micro_batches.split:
             log.info(

@@ -103,9 +103,7 @@ def test_padding_rows_and_a_row_filled_by_one_group():
     q, k, v, cotangent = qkv(2, length, 2, 1, 8, seed=3)
     out = attend(q, k, v, Mask(seg, branch), "flash", block=32)
     assert np.all(np.asarray(out[0]) == 0)
-    np.testing.assert_allclose(
-        out[1], reference(q, k, v, Mask(seg, branch))[1], atol=2e-6
-    )
+    np.testing.assert_allclose(out[1], reference(q, k, v, Mask(seg, branch))[1], atol=2e-6)
     flash = lambda q: attend(q, k, v, Mask(seg, branch), "flash", block=32)  # noqa: E731
     grads = jax.grad(lambda q: jnp.sum(flash(q) * cotangent))(q)
     assert np.all(np.asarray(grads[0]) == 0) and np.isfinite(np.asarray(grads)).all()

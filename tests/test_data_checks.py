@@ -63,10 +63,16 @@ PAIRS = [pretokenized(50, 1, 1), pretokenized(90, 10, 10), pretokenized(100, 30,
 @pytest.mark.parametrize(
     "share_prefix, message",
     [
-        (True, "1 of 3 train pairs need more than pack_length=128 tokens in a packed row (the "
-               "longest 170); set pack_length to at least 256"),
-        (False, "2 of 3 train pairs need more than pack_length=128 tokens in a packed row (the "
-                "longest 270); set pack_length to at least 384"),
+        (
+            True,
+            "1 of 3 train pairs need more than pack_length=128 tokens in a packed row (the "
+            "longest 170); set pack_length to at least 256",
+        ),
+        (
+            False,
+            "2 of 3 train pairs need more than pack_length=128 tokens in a packed row (the "
+            "longest 270); set pack_length to at least 384",
+        ),
     ],
 )
 def test_pairs_longer_than_a_packed_row_are_refused(tok, tmp_path, share_prefix, message):

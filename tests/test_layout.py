@@ -72,7 +72,7 @@ def imported_names(module: str, tree: ast.AST) -> list[tuple[int, str]]:
 
 
 def offences(find: Callable[[str, ast.AST], list[tuple[int, str]]]) -> list[str]:
-    """"path:line imports name" for each (line, name) `find(module, tree)` flags in jaxrm/."""
+    """ "path:line imports name" for each (line, name) `find(module, tree)` flags in jaxrm/."""
     found = []
     for path in sorted(PACKAGE_DIR.rglob("*.py")):
         tree = ast.parse(path.read_text(), filename=str(path))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxrm.assets import TINY_EVAL_FILE, TINY_MODEL_DIR
-from jaxrm.data.packing import PackSpec, common_prefix_length, pack_groups
+from jaxrm.data.packing import PackSpec, common_prefix_length, pack_sequence_groups
 from jaxrm.score import main as score_main
 from jaxrm.score import set_rewards, write_rows
 from jaxrm.scoring import distinct_sequences, load_model, locate_model, score_token_ids
@@ -513,7 +513,7 @@ def test_pack_groups_lays_out_each_sequence_and_splits_long_groups():
     seqs += [rng.integers(1, 50, n).tolist() for n in (5, 128)]
     groups = [[0, 1, 2, 3, 4], [5], [6]]
     spec = PackSpec(length=128, rows=2, devices=2, slots=0, share_prefix=False)
-    packed = pack_groups(seqs, groups, spec)
+    packed = pack_sequence_groups(seqs, groups, spec)
     assert packed.split == 1
     assert [m for m, _ in packed.groups] == [[0], [1, 2], [3], [4], [5], [6]]  # in order, greedy
     assert [p for _, p in packed.groups] == [30, 30, 30, 30, 0, 0]

@@ -387,7 +387,7 @@ def _group_length(sequences: list[np.ndarray], group: tuple[list[int], int]) -> 
     return prefix + sum(len(sequences[i]) - prefix for i in members)
 
 
-def split_group(lengths: list[int], prefix: int, capacity: int) -> list[list[int]]:
+def chunk_group(lengths: list[int], prefix: int, capacity: int) -> list[list[int]]:
     """Positions of a group's sequences (of `lengths`, sharing `prefix` tokens) in sub-groups of
     at most `capacity` tokens each, the prefix repeated in each; in order, greedily."""
     out: list[list[int]] = []
@@ -401,7 +401,7 @@ def split_group(lengths: list[int], prefix: int, capacity: int) -> list[list[int
     return out
 
 
-def pack_groups(sequences: list, groups: list[list[int]], spec: PackSpec) -> GroupPacking:
+def pack_sequence_groups(sequences: list, groups: list[list[int]], spec: PackSpec) -> GroupPacking:
     """`groups` (indices into `sequences`, in placing order) packed as tree groups sharing their
     common prefix (`common_prefix_length`) by `first_fit_decreasing`; a group longer than a row
     is split into sub-groups that each repeat the prefix (see `GroupPacking`). Every sequence
@@ -410,7 +410,7 @@ def pack_groups(sequences: list, groups: list[list[int]], spec: PackSpec) -> Gro
     placed, split = [], 0
     for members in groups:
         prefix = common_prefix_length([sequences[i] for i in members])
-        parts = split_group([len(sequences[i]) for i in members], prefix, spec.length)
+        parts = chunk_group([len(sequences[i]) for i in members], prefix, spec.length)
         split += len(parts) > 1
         placed += [([members[k] for k in part], prefix) for part in parts]
     lengths = np.array([_group_length(sequences, g) for g in placed], np.int64)
