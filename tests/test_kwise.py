@@ -9,7 +9,13 @@ import pytest
 from flax import nnx
 
 from jaxrm.data import to_global
-from jaxrm.data.group_packing import GroupSlots, KwiseSpec, pack_groups, split_group
+from jaxrm.data.group_packing import (
+    GroupSlots,
+    KwiseSpec,
+    group_lengths,
+    pack_groups,
+    split_group,
+)
 from jaxrm.data.groups import Groups
 from jaxrm.data.packing import PackSpec, pack
 from jaxrm.hf import load_reward_model
@@ -90,6 +96,22 @@ def test_split_group_covers_every_pair_once_within_the_row():
     for members, _ in parts:
         tokens = 10 + sum(len(sequences[i]) - 10 for i in members)
         assert tokens <= 100
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_a_group_takes_the_tokens_its_layout_counts(share_prefix):
+    """`layout_tokens` (what packing plans with) is what the rows hold, and a group of exactly
+    a row's length fills one row unsplit."""
+    groups = random_groups(20, seed=9, sizes=(3, 4, 5))
+    spec = PackSpec(LENGTH, 1, 1, 0, share_prefix)
+    micro, _ = pack_groups(groups, np.arange(len(groups)), spec, KwiseSpec())
+    placed = sum(int((m["segment_ids"] > 0).sum()) for m in micro)
+    planned = group_lengths(groups, np.arange(len(groups)), share_prefix)
+    assert placed == planned.sum()
+    fitted = PackSpec(int(planned.max()), 1, 1, 0, share_prefix)
+    widest = np.array([int(np.argmax(planned))])
+    (one,) = pack_groups(groups, widest, fitted, KwiseSpec())[0]
+    assert (one["segment_ids"] > 0).all() and one["group_mask"].sum() == groups.sizes()[widest[0]]
 
 
 @pytest.mark.parametrize("share_prefix", [True, False])
