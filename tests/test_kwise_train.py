@@ -74,6 +74,38 @@ def test_kwise_run_resumes_exactly_and_evaluates_top1(tmp_path):
     assert "train/rm/top1_accuracy" in records[-2]
 
 
+def test_padded_kwise_trains_the_implied_pairs(tmp_path):
+    """batch_layout=padded with K-wise data is the pair path on the pairs the scores imply, the
+    score margin included: the same losses as those pairs written out as a pair file."""
+    data = kwise_file(tmp_path / "kwise.jsonl", groups=24)
+    pairs_file = tmp_path / "pairs.jsonl"
+    with pairs_file.open("w") as f:
+        for line in data.read_text().splitlines():
+            row = json.loads(line)
+            s = row["scores"]
+            for a in range(len(s)):
+                for b in range(a + 1, len(s)):
+                    if s[a] == s[b]:
+                        continue
+                    hi, lo = (a, b) if s[a] > s[b] else (b, a)
+                    turn = [{"role": "assistant", "content": row["responses"][i]} for i in (hi, lo)]
+                    f.write(json.dumps({"chosen": row["messages"] + turn[:1],
+                                        "rejected": row["messages"] + turn[1:],
+                                        "margin": 0.5 * (s[hi] - s[lo])}) + "\n")  # fmt: skip
+    common = [*SHORT_RUN, "--config.batch_layout=padded", "--config.max_train_steps=3"]
+    kwise, pairs = tmp_path / "kwise", tmp_path / "pairs"
+    train_main([
+        *common, "--config.preference_format=kwise", "--config.kwise_margin_scale=0.5",
+        f"--config.dataset_mixer_list=[{str(data)!r},'1.0']", f"--config.output_dir={kwise}",
+    ])  # fmt: skip
+    train_main([
+        *common, "--config.use_margin=true",
+        f"--config.dataset_mixer_list=[{str(pairs_file)!r},'1.0']", f"--config.output_dir={pairs}",
+    ])  # fmt: skip
+    assert len(_losses(kwise)) == 3
+    assert _losses(kwise) == _losses(pairs)
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
