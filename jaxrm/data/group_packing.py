@@ -83,9 +83,12 @@ def slots_for(groups: Groups, groups_per_step: int) -> GroupSlots:
 
 
 def layout_tokens(sequences: list[np.ndarray], share_prefix: bool) -> int:
-    """Tokens `sequences` take as one group in a row."""
+    """Tokens `sequences` take as one group in a row: with a shared prefix, the prefix once and
+    every sequence's rest."""
     total = sum(len(s) for s in sequences)
-    return total - common_prefix_length(sequences) if share_prefix else total
+    if not share_prefix:
+        return total
+    return total - (len(sequences) - 1) * common_prefix_length(sequences)
 
 
 def group_lengths(groups: Groups, ids: np.ndarray, share_prefix: bool) -> np.ndarray:
