@@ -3,7 +3,7 @@
     .venv/bin/python scripts/bench.py                      # the CPU setting of issue 10 (~10 min)
     .venv/bin/python scripts/bench.py --preset gpu-1b      # a 1B-class Llama at 2048, bf16
     .venv/bin/python scripts/bench.py --sides jaxrm,reference --pairs 48   # quicker
-    .venv/bin/python scripts/bench.py --preset cpu-kwise   # K-wise groups against their pairs
+    .venv/bin/python scripts/bench.py --preset cpu-kwise   # K-wise groups vs their pairs (~2-4 min)
 
 Each side runs in its own process (so each one's peak memory is its own) on the same model (a
 random Llama of the given shape, saved once as an HF checkpoint) and the same pairs, in the same
@@ -42,8 +42,9 @@ a group's ratings are redrawn until at least two differ). Every optimizer step h
   their implied pairs (`Groups.to_pairs`: up to K(K-1)/2 per prompt), each step holding the pairs
   of that step's prompts, so both sides optimize the same loss on the same pairs step by step
   (their per-step losses are compared: `loss_max_rel_diff`).
-Figures per side: tokens computed (the non-pad tokens in the rows it ran), implied pairs and
-prompts trained per second, wall time, peak memory; and the K-wise / pairs ratios.
+Figures per side: tokens computed (the non-pad tokens in the rows it ran: segment id > 0, or the
+attention mask when padded), implied pairs and prompts trained per second, wall time, peak memory;
+and the K-wise / pairs ratios.
 
 The last line printed is one JSON object with every side's figures and the ratios.
 """
