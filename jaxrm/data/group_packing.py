@@ -83,7 +83,8 @@ def slots_for(groups: Groups, groups_per_step: int) -> GroupSlots:
 
 
 def layout_tokens(sequences: list[np.ndarray], share_prefix: bool) -> int:
-    """Tokens `sequences` take as one group in a row."""
+    """Tokens `sequences` take as one group in a row: with a shared prefix, the prefix once and
+    every sequence's rest."""
     total = sum(len(s) for s in sequences)
     if not share_prefix:
         return total
