@@ -151,19 +151,32 @@ def _zero_sums() -> dict[str, jax.Array]:
     return {k: jnp.zeros((), jnp.float32) for k in METRIC_SUM_KEYS}
 
 
+GUARD_COND, GUARD_SELECT = "cond", "select"
+
+
+def guard_form(backend: str) -> str:
+    """How the divergence guard keeps a non-finite step out, in the form the backend's XLA
+    updates in place (the donated parameters and Adam moments, no second copy). Measured with
+    scripts/memory_plan.py and deviceless compiles of the same update: XLA:CPU adds no
+    temporaries under `lax.cond` but fuses a select less well; XLA:GPU (H100 target) copies the
+    whole state out of a `lax.cond` (temporaries = the new parameters and moments) but fuses an
+    elementwise select into the update (none); XLA:TPU is in place either way."""
+    return GUARD_COND if backend == "cpu" else GUARD_SELECT
+
+
 def _apply(
     optimizer: optax.GradientTransformation,
     state: Any,
     grads: Any,
     sums: dict[str, jax.Array],
     votes: jax.Array,
+    guard: str | None = None,
 ) -> tuple[Any, dict[str, jax.Array]]:
     """Clipping + AdamW with the divergence guard; the step's outputs.
 
     The guard decides before the update, from the loss and the gradient norm (finite gradients
-    give a finite AdamW update: its denominator is at least eps), and applies the update under
-    `lax.cond`, so XLA updates the donated parameters and Adam moments in place instead of
-    holding new and old copies of both for a select (measured: scripts/memory_plan.py)."""
+    give a finite AdamW update: its denominator is at least eps), then keeps the old state for a
+    non-finite step by `guard` (default: `guard_form` of the backend traced for)."""
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(sums["loss_sum"]) & jnp.isfinite(grad_norm)
 
@@ -172,7 +185,10 @@ def _apply(
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), new_opt_state
 
-    state = jax.lax.cond(finite, update, lambda state: state, state)
+    if (guard or guard_form(jax.default_backend())) == GUARD_COND:
+        state = jax.lax.cond(finite, update, lambda state: state, state)
+    else:
+        state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), update(state), state)
     sums = {k: jnp.where(finite, v, 0.0) for k, v in sums.items()}
     outputs = dict(
         sums, grad_norm=grad_norm, skipped=1 - finite.astype(jnp.int32), stop=jnp.max(votes)

@@ -222,3 +222,34 @@ def test_stop_votes_of_any_device_reach_every_output(model_dir):
     assert int(out["stop"]) == 0
     _, out = step(state, batch, stop_votes(mesh, True))
     assert int(out["stop"]) == 1
+
+
+@pytest.mark.parametrize("guard", ["cond", "select"])
+def test_both_guard_forms_apply_a_finite_step_and_keep_out_a_non_finite_one(guard):
+    """`_apply`'s two forms of the divergence guard (one per backend, `guard_form`) give the
+    same update, bit for bit, and leave the state untouched on a non-finite loss or gradient."""
+    import jax.numpy as jnp
+    import optax
+
+    from jaxrm.step import _apply
+
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, eps=1e-5))
+    params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
+    state = (params, optimizer.init(params))
+    grads = {"w": jnp.full((2, 3), 0.5), "b": jnp.array([1.0, -2.0, 3.0])}
+    sums = {"loss_sum": jnp.float32(1.0)}
+    votes = jnp.zeros(1, jnp.int32)
+    apply = jax.jit(_apply, static_argnums=(0, 5))
+    new, out = apply(optimizer, state, grads, sums, votes, guard)
+    expected, _ = apply(optimizer, state, grads, sums, votes, "cond")
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(out["skipped"]) == 0 and not np.allclose(new[0]["w"], params["w"])
+    for bad_sums, bad_grads in (
+        ({"loss_sum": jnp.float32(jnp.nan)}, grads),
+        (sums, {**grads, "b": jnp.array([1.0, jnp.inf, 0.0])}),
+    ):
+        kept, out = apply(optimizer, state, bad_grads, bad_sums, votes, guard)
+        for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(state), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert int(out["skipped"]) == 1 and float(out["loss_sum"]) == 0.0
