@@ -76,7 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.per_device_train_batch_size = 1
     c.per_device_eval_batch_size = 1
     c.gradient_accumulation_steps = 1
-    c.total_train_batch_size = 0  # pairs per optimizer step; 0: derived from the per-device size
+    # pairs per optimizer step (K-wise, packed: prompts); 0: derived from the per-device size
+    c.total_train_batch_size = 0
     c.seed = 1
     # model execution
     c.dtype = "auto"  # auto (bf16 on GPU/TPU, float32 on CPU) | float32 | bfloat16 | float16

@@ -220,10 +220,11 @@ def plan_lines(
     yield f"mesh: {shape} over {mesh.size} devices ({dp} data-parallel)"
     if pack is not None:
         shared = ", prompts shared" if cfg.prefix_sharing else ""
+        unit = "prompts (K-wise)" if cfg.preference_format == "kwise" else "pairs"
         yield (
-            f"train: {batch.step_pairs} pairs per optimizer step, packed{shared}: micro-batches "
+            f"train: {batch.step_pairs} {unit} per optimizer step, packed{shared}: micro-batches "
             f"of {pack.rows} row(s) of {pack.length} tokens per device, as many as the step's "
-            "pairs fill"
+            f"{unit.split()[0]} fill"
         )
     else:
         yield (
