@@ -20,6 +20,7 @@ from jaxrm.data.groups import Groups
 from jaxrm.data.packing import PackSpec, pack
 from jaxrm.hf import load_reward_model
 from jaxrm.objective import (
+    BRADLEY_TERRY,
     PLACKETT_LUCE,
     Objective,
     finalize_metrics,
@@ -27,7 +28,7 @@ from jaxrm.objective import (
     plackett_luce_terms,
 )
 from jaxrm.optimizer import make_optimizer, make_schedule
-from jaxrm.sharding import make_mesh
+from jaxrm.sharding import data_parallel_size, make_mesh
 from jaxrm.step import _rewards_and_sums, init_optimizer_state, make_train_step, stop_votes
 from tests.hf_reference import save_tiny_classifier
 
@@ -284,3 +285,27 @@ def test_groups_of_two_train_exactly_like_pairs(model, tmp_path):
 
     for a, b in zip(jax.tree.leaves(train(False)), jax.tree.leaves(train(True)), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("ranking", [BRADLEY_TERRY, PLACKETT_LUCE])
+def test_sharded_kwise_step_follows_single_device(tmp_path, ranking):
+    """Group slots split over the data-parallel devices like pair slots: on a (1, 4, 2) mesh of
+    fake devices the loss, metrics and gradients equal one device's."""
+    save_tiny_classifier(tmp_path, "gqa", seed=5)
+    groups = random_groups(12, seed=10)
+    results = []
+    for mesh in (make_mesh(1, 1, 1, devices=jax.devices()[:1]), make_mesh(1, 4, 2)):
+        loaded, _, _ = load_reward_model(str(tmp_path), mesh, attention="flash")
+        spec = PackSpec(LENGTH, 1, data_parallel_size(mesh), 0)
+        micro, normalizer = pack_groups(
+            groups, np.arange(len(groups)), spec, KwiseSpec(objective=ranking)
+        )
+        results.append(
+            _loss_and_grads((mesh, loaded), micro, normalizer, Objective(1, ranking=ranking))
+        )
+    (loss_1, grads_1, sums_1), (loss_n, grads_n, sums_n) = results
+    np.testing.assert_allclose(loss_n, loss_1, rtol=1e-5)
+    for key in ("correct_sum", "count", "top1_sum", "group_count", "loss_count"):
+        assert sums_n[key] == sums_1[key], key
+    assert sums_1["group_count"] == len(groups)
+    _close(grads_n, grads_1, rtol=1e-4, atol=1e-6)
