@@ -24,7 +24,8 @@
 #   train      the tiny config end to end (python -m jaxrm.train --config configs/tiny.py)
 # JAXRM_GPU_CHECK_STEPS=attention,bench runs only the steps it names (and install): a rerun of
 # what failed. JAXRM_GPU_TILES='64,64,32,64,64,32;...' also times pallas with those tiles in
-# bench_attention (the tree-mask tile sweep; +60 s to its limit). PYTHON names the interpreter (default: python3 on a GPU, .venv/bin/python for the dry run).
+# bench_attention (the tree-mask tile sweep; +40 s to its limit per set of tiles). PYTHON names
+# the interpreter (default: python3 on a GPU, .venv/bin/python for the dry run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ] || [[ "$1" == --* ]]; then
@@ -148,7 +149,8 @@ run_step attention "${limits[2]}" "$py" scripts/attention_check.py "${check_args
   --output "$out/attention_check.json"
 if [ -n "${JAXRM_GPU_TILES:-}" ]; then
   bench_attention_args+=(--pallas_tiles "$JAXRM_GPU_TILES")
-  limits[3]=$((limits[3] + 60))
+  tile_sets=$(tr ';' '\n' <<< "$JAXRM_GPU_TILES" | grep -c .)
+  limits[3]=$((limits[3] + 40 * tile_sets))  # each set: one compile and run per mask kind
 fi
 run_step bench_attention "${limits[3]}" "$py" scripts/bench_attention.py \
   "${bench_attention_args[@]}" --output "$out/bench_attention.json"
