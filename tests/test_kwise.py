@@ -62,13 +62,13 @@ def model(tmp_path_factory):
     return mesh, loaded
 
 
-def _loss_and_grads(model, micro_batches, normalizer, obj):
+def _loss_and_grads(model, micro_batches, normalizer, obj, shared_prefix=True):
     """Σ over micro-batches of (loss sum / normalizer) and its gradient, plus the metric sums."""
     mesh, m = model
     graphdef, params = nnx.split(m)
 
     def loss(params, micro):
-        _, _, _, sums = _rewards_and_sums(graphdef, params, micro, obj, True)
+        _, _, _, sums = _rewards_and_sums(graphdef, params, micro, obj, shared_prefix)
         return sums["loss_sum"] / normalizer, sums
 
     grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
@@ -131,17 +131,20 @@ def test_groups_of_two_pack_exactly_like_pairs(share_prefix):
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-def test_kwise_loss_and_gradients_equal_the_pairs_cut_from_the_groups(model):
-    """Per-pair averaging: one pass over each group's responses gives the loss, gradients and
-    metrics of the pair path on every implied pair (float32)."""
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_kwise_loss_and_gradients_equal_the_pairs_cut_from_the_groups(model, share_prefix):
+    """Per-pair averaging: one pass over each group's responses (sharing the prompt, or each
+    response its own segment) gives the loss, gradients and metrics of the pair path on every
+    implied pair (float32)."""
     groups = random_groups(12, seed=3)
     pairs, _ = groups.to_pairs()
-    spec = PackSpec(LENGTH, 2, 1, 0)
+    spec = PackSpec(LENGTH, 2, 1, 0, share_prefix)
     kwise, norm_k = pack_groups(groups, np.arange(len(groups)), spec, KwiseSpec())
     as_pairs = pack(pairs, np.arange(len(pairs)), spec)
     assert norm_k == len(pairs) == int(groups.pair_counts().sum())
-    loss_k, grads_k, sums_k = _loss_and_grads(model, kwise, norm_k, Objective(1))
-    loss_p, grads_p, sums_p = _loss_and_grads(model, as_pairs, len(pairs), Objective(1))
+    obj = Objective(1)
+    loss_k, grads_k, sums_k = _loss_and_grads(model, kwise, norm_k, obj, share_prefix)
+    loss_p, grads_p, sums_p = _loss_and_grads(model, as_pairs, len(pairs), obj, share_prefix)
     np.testing.assert_allclose(loss_k, loss_p, rtol=1e-5)
     _close(grads_k, grads_p)
     for key in ("correct_sum", "chosen_sum", "rejected_sum", "margin_sum", "count"):
