@@ -72,6 +72,7 @@ class SubGroup:
     members: list[int]  # positions within the group, in response order
     pairs: list[tuple[int, int]]  # (chosen, rejected) positions within the group
     whole: bool  # all of the group's responses
+    loss_weight: float  # of each of its pairs: 1, or 1 / the group's pairs (average="prompt")
 
 
 def slots_for(groups: Groups, groups_per_step: int) -> GroupSlots:
@@ -154,8 +155,9 @@ def pack_groups(
         parts = split_group(sequences, pairs, spec.length, spec.share_prefix)
         if kwise.objective == PLACKETT_LUCE and len(parts) > 1:
             raise ValueError(f"group {g} does not fit one row: Plackett-Luce needs whole groups")
+        weight = 1.0 if kwise.average == "pair" else 1.0 / len(pairs)
         for members, inside in parts:
-            subgroups.append(SubGroup(item, members, inside, len(parts) == 1))
+            subgroups.append(SubGroup(item, members, inside, len(parts) == 1, weight))
             tokens = layout_tokens([sequences[i] for i in members], spec.share_prefix)
             lengths.append(tokens)
     lengths = np.asarray(lengths, np.int64)
@@ -225,7 +227,6 @@ def _micro_batch(groups, ids, subgroups, rows, spec, kwise, slots) -> dict[str, 
                     start = end
             end_of = dict(zip(sub.members, last, strict=True))
             scores = groups.scores[groups.offsets[g] : groups.offsets[g + 1]]
-            weight = 1.0 if kwise.average == "pair" else 1.0 / len(groups.implied_pairs(g))
             for a, b in sub.pairs:
                 slot = used_pairs[device]
                 if slot >= slots.pairs:
@@ -234,7 +235,7 @@ def _micro_batch(groups, ids, subgroups, rows, spec, kwise, slots) -> dict[str, 
                 batch["rejected_index"][device, slot] = offset + end_of[b]
                 batch["margin"][device, slot] = kwise.margin_scale * (scores[a] - scores[b])
                 batch["weight"][device, slot] = 1.0
-                batch["loss_weight"][device, slot] = weight
+                batch["loss_weight"][device, slot] = sub.loss_weight
                 used_pairs[device] += 1
             if sub.whole:
                 slot = used_groups[device]

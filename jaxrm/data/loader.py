@@ -16,7 +16,7 @@ The train iterator's `get_state()` is a small JSON-serializable dict (`{"next_in
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grain
 import jax
@@ -77,19 +77,11 @@ def train_dataset(
         )
     m = _local_pairs(global_pairs_per_micro_batch, process_count)
     per_step = global_pairs_per_micro_batch * grad_accum_steps
-    steps = steps_per_epoch(len(pairs), global_pairs_per_micro_batch, grad_accum_steps)
-    if not steps:
-        raise UserError(
-            f"{len(pairs)} training pairs are fewer than one optimizer step of {per_step} "
-            "(pairs per micro-batch x gradient accumulation steps)"
-        )
-    order = grain.MapDataset.range(len(pairs)).shuffle(seed=seed)
+    steps, step_ids = _shuffled_steps(len(pairs), per_step, seed, "pairs")
     collate = _Collate(pairs, buckets)
 
     def make_step(index: int, _: int) -> dict[str, np.ndarray]:
-        epoch, step = divmod(index, steps)
-        start = epoch * len(pairs) + step * per_step
-        ids = np.array([order[i] for i in range(start, start + per_step)], dtype=np.int64)
+        ids = step_ids(index)
         tokens = int(pairs.chosen.lengths()[ids].sum() + pairs.rejected.lengths()[ids].sum())
         if pack is not None:
             micro = packing.pack(pairs, ids, pack)
@@ -101,6 +93,27 @@ def train_dataset(
         return {**batch, "tokens": tokens}
 
     return grain.MapDataset.range(steps).repeat(num_epochs).map_with_index(make_step)
+
+
+def _shuffled_steps(
+    n: int, per_step: int, seed: int, unit: str
+) -> tuple[int, Callable[[int], np.ndarray]]:
+    """(steps per epoch, the item ids of step `index` counted across epochs): every epoch the
+    `n` items shuffled by grain (seed + epoch) and cut into whole steps of `per_step`."""
+    steps = n // per_step
+    if not steps:
+        raise UserError(
+            f"{n} training {unit} are fewer than one optimizer step of {per_step} "
+            f"({unit} per micro-batch x gradient accumulation steps)"
+        )
+    order = grain.MapDataset.range(n).shuffle(seed=seed)
+
+    def step_ids(index: int) -> np.ndarray:
+        epoch, step = divmod(index, steps)
+        start = epoch * n + step * per_step
+        return np.array([order[i] for i in range(start, start + per_step)], dtype=np.int64)
+
+    return steps, step_ids
 
 
 def _group_steps(
@@ -117,20 +130,12 @@ def _group_steps(
     like pairs; slots fixed for the run (`slots_for`), so every micro-batch has one shape."""
     if pack is None or kwise is None:
         raise ValueError("K-wise groups train in packed batches with a KwiseSpec")
-    steps = len(groups) // per_step
-    if not steps:
-        raise UserError(
-            f"{len(groups)} training prompts are fewer than one optimizer step of {per_step} "
-            "(prompts per micro-batch x gradient accumulation steps)"
-        )
-    order = grain.MapDataset.range(len(groups)).shuffle(seed=seed)
+    steps, step_ids = _shuffled_steps(len(groups), per_step, seed, "prompts")
     slots = slots_for(groups, per_step)
     lengths = groups.responses.lengths()
 
     def make_step(index: int, _: int) -> dict[str, np.ndarray]:
-        epoch, step = divmod(index, steps)
-        start = epoch * len(groups) + step * per_step
-        ids = np.array([order[i] for i in range(start, start + per_step)], dtype=np.int64)
+        ids = step_ids(index)
         micro, normalizer = pack_groups(groups, ids, pack, kwise, slots)
         tokens = int(sum(lengths[groups.offsets[g] : groups.offsets[g + 1]].sum() for g in ids))
         local = [local_part(x, process_index, process_count) for x in micro]
