@@ -56,10 +56,19 @@ class Target:
     analysis: str  # what the reports call the analysis
     spec: str = ""  # GPU: the target spec file in TARGETS_DIR
     topology_dims: int = 0  # TPU: dimensions of the slice's topology (v5e: 4x4, v5p: 2x2x4)
+    device_kind: str = ""  # GPU: what the card reports (Pallas' Triton lowering reads it)
+    cores: int = 0  # GPU: its streaming multiprocessors
 
 
 TARGETS = {
-    "h100": Target("cuda", "gpu", "XLA:GPU (H100 target, deviceless)", spec="h100_sxm.txtpb"),
+    "h100": Target(
+        "cuda",
+        "gpu",
+        "XLA:GPU (H100 target, deviceless)",
+        spec="h100_sxm.txtpb",
+        device_kind="NVIDIA H100 80GB HBM3",
+        cores=132,
+    ),
     "v5e": Target("tpu", "tpu", "XLA:TPU (v5e target, deviceless)", topology_dims=2),
     "v5p": Target("tpu", "tpu", "XLA:TPU (v5p target, deviceless)", topology_dims=3),
     "v6e": Target("tpu", "tpu", "XLA:TPU (v6e target, deviceless)", topology_dims=2),
@@ -170,16 +179,31 @@ def target_devices(target: str, count: int) -> list[Any]:
 def traced_for(target: str) -> Iterator[None]:
     """While tracing for `target`, `jax.default_backend()` answers the target's backend (gpu,
     tpu), not the host's cpu: code that picks a kernel by backend (Pallas' interpret mode off a
-    GPU) picks what the target runs. Not a target (the host's `cpu`): nothing changes."""
+    GPU) picks what the target runs. A GPU target is also the abstract device of the tracing
+    context: from JAX 0.12 Pallas' Triton lowering asks the device its compute capability, and
+    off a GPU (or outside a mesh of the target's devices) only an abstract device can answer. Not
+    a target (the host's `cpu`): nothing changes."""
     import jax
 
     if target not in TARGETS:
         yield
         return
-    backend = TARGETS[target].backend
+    spec = TARGETS[target]
     host = jax.default_backend
-    jax.default_backend = lambda: backend
+    jax.default_backend = lambda: spec.backend
     try:
-        yield
+        with abstract_gpu(spec):
+            yield
     finally:
         jax.default_backend = host
+
+
+def abstract_gpu(spec: Target) -> contextlib.AbstractContextManager[Any]:
+    """A context whose abstract mesh names the GPU target's device (empty for other targets, or
+    when a mesh is already in context: its devices name themselves)."""
+    import jax
+
+    if not spec.device_kind or not jax.sharding.get_abstract_mesh().empty:
+        return contextlib.nullcontext()
+    device = jax.sharding.AbstractDevice(spec.device_kind, spec.cores, spec.backend)
+    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device))
