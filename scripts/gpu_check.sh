@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU validation in one command (at most ~8 minutes on one H100), for a GPU image that
-# already has JAX 0.11.x with its CUDA plugin, PyTorch and Python 3.12, where nothing can be
-# downloaded. Writes its figures to OUTDIR: gpu_check.md (short tables), gpu_check.json (all of
+# already has JAX 0.11.x or 0.12.x with its CUDA plugin, PyTorch and Python 3.12, where nothing can
+# be downloaded. Writes its figures to OUTDIR: gpu_check.md (short tables), gpu_check.json (all of
 # it), the JSON of each step, devices.txt and gpu_check.log (every step's output).
 #
 #   scripts/gpu_wheels.sh                 # here, with network: .gpu-wheels/ (~30 MB); carry it
