@@ -251,6 +251,7 @@ def run_jaxrm(args, workdir: Path, layout: str, make_host) -> dict:
         run_steps(host)
     seconds = time.perf_counter() - started
     per_step = seconds / (len(host) * args.timed_epochs)
+    measured = device_peak(jax.devices()[0])
     return {
         "attention": run.attention,
         "dtype": run.dtype,
@@ -261,9 +262,34 @@ def run_jaxrm(args, workdir: Path, layout: str, make_host) -> dict:
         "tokens_computed": int(sum(computed)) * args.timed_epochs,
         "nonpad_tokens_computed": int(sum(real)) * args.timed_epochs,
         "losses": losses[len(warmup) :],
-        "device_peak_bytes": device_peak(jax.devices()[0]),
+        "device_peak_bytes": measured,
+        "planned_peak_bytes": planned_peak(step, state, host[0], mesh, votes),
         "device": jax.devices()[0].device_kind,
     }
+
+
+def planned_peak(step, state, batch: dict, mesh, votes) -> int:
+    """XLA's plan of the step just timed, by scripts/memory_plan.py's method (each compiled
+    piece's arguments + outputs + temporaries - aliased, plus what stays resident beside it; the
+    largest), to set beside the device's measured peak: how far a plan made without the device
+    can be trusted."""
+    import jax.numpy as jnp
+
+    from jaxrm.data.batch import to_global
+    from jaxrm.memory_plan import compile_piece, per_device_bytes
+    from jaxrm.step import PackedTrainStep
+
+    if not isinstance(step, PackedTrainStep):
+        return compile_piece("step", step, state, to_global(batch, mesh), votes).total
+    params, opt_state = state
+    grads, sums = step.zeros(params)
+    micro = to_global(batch["micro_batches"][0], mesh)
+    normalizer = jnp.float32(batch["normalizer"])
+    accumulate = compile_piece(
+        "accumulate", step.accumulate, params, grads, sums, micro, normalizer
+    )
+    apply = compile_piece("apply", step.apply, state, grads, sums, votes)
+    return max(accumulate.total + per_device_bytes(opt_state), apply.total)
 
 
 def pairs_data(pairs: list):
@@ -546,6 +572,7 @@ def summarize(args, pairs: list, results: dict[str, dict]) -> dict:
         summary[f"{side}_compile_seconds"] = r["compile_seconds"]
         summary[f"{side}_peak_rss_bytes"] = r["peak_rss_bytes"]
         summary[f"{side}_device_peak_bytes"] = r["device_peak_bytes"]
+        summary[f"{side}_planned_peak_bytes"] = r.get("planned_peak_bytes")
         summary[f"{side}_padding_fraction"] = 1 - nonpad / r["tokens_computed"]
         summary[f"{side}_model_tflops_per_s"] = rate / 1e12
         summary[f"{side}_mfu"] = rate / peak if peak and "bfloat16" in r["dtype"] else None
@@ -619,6 +646,7 @@ def summarize_kwise(args, groups, pairs: list, step_ids: list, results: dict[str
         summary[f"{side}_compile_seconds"] = r["compile_seconds"]
         summary[f"{side}_peak_rss_bytes"] = r["peak_rss_bytes"]
         summary[f"{side}_device_peak_bytes"] = r["device_peak_bytes"]
+        summary[f"{side}_planned_peak_bytes"] = r.get("planned_peak_bytes")
         summary[f"{side}_peak_memory_bytes"] = r["device_peak_bytes"] or r["peak_rss_bytes"]
         summary[f"{side}_setup"] = f"{r['layout']}, {r['attention']} attention, {r['dtype']}"
         summary[f"{side}_device"] = r["device"]

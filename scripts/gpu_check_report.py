@@ -52,6 +52,15 @@ def last_eval(metrics_file: str | None) -> dict[str, float] | None:
     return found
 
 
+def peak_gb(bench: dict, side: str) -> str:
+    """A side's measured device peak (or the process's RSS off a GPU) and, for jaxrm, XLA's plan
+    of the same step (scripts/bench.py `planned_peak`)."""
+    measured = bench.get(f"{side}_device_peak_bytes") or bench.get(f"{side}_peak_rss_bytes")
+    planned = bench.get(f"{side}_planned_peak_bytes")
+    text = "" if measured is None else f"{measured / 1e9:.2f}"
+    return text if planned is None else f"{text} / {planned / 1e9:.2f}"
+
+
 def attention_goal(bench: dict) -> dict[str, Any] | None:
     """The best tree-mask rate against cuDNN's dense causal rate (TFLOP/s over live pairs)."""
     runs = bench["runs"]
@@ -104,8 +113,8 @@ def markdown(summary: dict) -> list[str]:
     train_bench = summary.get("bench")
     if train_bench:
         lines += ["", f"Train step, preset {train_bench['preset']} ({train_bench['pairs']} pairs):",
-                  "", "| side | non-pad tokens/s | MFU | vs reference | setup |",
-                  "|---|---|---|---|---|"]  # fmt: skip
+                  "", "| side | non-pad tokens/s | MFU | vs reference | peak GB: measured / "
+                  "XLA's plan | setup |", "|---|---|---|---|---|---|"]  # fmt: skip
         for side in ("jaxrm", "jaxrm_padded", "reference", "reference_flex"):
             if f"{side}_nonpad_tokens_per_s" not in train_bench:
                 continue
@@ -114,6 +123,7 @@ def markdown(summary: dict) -> list[str]:
             lines.append(f"| {side} | {train_bench[f'{side}_nonpad_tokens_per_s']:.0f} | "
                          f"{'' if mfu is None else f'{mfu:.1%}'} | "
                          f"{'' if ratio is None else f'{ratio:.2f}x'} | "
+                         f"{peak_gb(train_bench, side)} | "
                          f"{train_bench[f'{side}_setup']} |")  # fmt: skip
         lines.append(f"Goals: MFU >= {GOALS['mfu']:.0%}, jaxrm >= {GOALS['vs_reference']}x the "
                      "reference.")  # fmt: skip

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from safetensors import safe_open
 
 sys.path.insert(0, "scripts")
 import bench  # noqa: E402
@@ -89,6 +90,12 @@ def test_kwise_side_computes_each_prompt_once_for_the_same_loss(tmp_path):
         assert len(results[side]["losses"]) == 2
     assert summary["loss_max_rel_diff"] < 1e-5
     assert results["jaxrm"]["losses"][0] == pytest.approx(results["jaxrm_kwise"]["losses"][0])
+    # XLA's plan of each step holds at least the float32 parameters, their gradients and Adam's
+    # two moments
+    with safe_open(tmp_path / "model" / "model.safetensors", "np") as weights:
+        parameters = sum(weights.get_tensor(k).size for k in weights.keys())
+    for side in results:
+        assert summary[f"{side}_planned_peak_bytes"] >= 4 * 4 * parameters
 
 
 @pytest.mark.parametrize(
