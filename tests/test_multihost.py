@@ -20,7 +20,12 @@ COMMON = [
     "--config.dataset_mixer_eval_list=[]",
     "--config.export_hf=False",
     "--config.logging_steps=1",
-    "--config.total_train_batch_size=8",
+    # 32 pairs (K-wise: prompts) per step in rows of 128 tokens, one per device: every step fills
+    # the devices of both processes (in 256-token rows, 4 per device, 8 tiny pairs or groups all
+    # fit device 0's first row, and process 1 would only ever hold padding)
+    "--config.total_train_batch_size=32",
+    "--config.pack_length=128",
+    "--config.pack_rows_per_device=1",
     "--config.max_train_steps=6",
     "--config.checkpointing_steps=3",
 ]
