@@ -1,5 +1,6 @@
 """Multi-host: two processes x 4 fake CPU devices on 127.0.0.1 train exactly like one process x 8,
-and a 2-process run resumes a 1-process checkpoint (gloo collectives, jax.distributed)."""
+and a 2-process run resumes a 1-process checkpoint (gloo collectives, jax.distributed), for pairs
+and for K-wise groups (configs/tiny_kwise.py: batch sizes count prompts, 8 groups of 4 per step)."""
 
 from __future__ import annotations
 
@@ -15,13 +16,16 @@ import numpy as np
 import pytest
 
 COMMON = [
-    "--config",
-    "configs/tiny.py",
     "--config.progress_bar=False",
     "--config.dataset_mixer_eval_list=[]",
     "--config.export_hf=False",
     "--config.logging_steps=1",
-    "--config.total_train_batch_size=8",
+    # 32 pairs (K-wise: prompts) per step in rows of 128 tokens, one per device: every step fills
+    # the devices of both processes (in 256-token rows, 4 per device, 8 tiny pairs or groups all
+    # fit device 0's first row, and process 1 would only ever hold padding)
+    "--config.total_train_batch_size=32",
+    "--config.pack_length=128",
+    "--config.pack_rows_per_device=1",
     "--config.max_train_steps=6",
     "--config.checkpointing_steps=3",
 ]
@@ -33,13 +37,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(output: Path, processes: int, devices_per_process: int) -> None:
+def run(output: Path, processes: int, devices_per_process: int, config: str) -> None:
     env = dict(
         os.environ,
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
         JAX_PLATFORMS="cpu",
     )
-    args = [sys.executable, "-m", "jaxrm.train", *COMMON, f"--config.output_dir={output}"]
+    args = [sys.executable, "-m", "jaxrm.train", "--config", config, *COMMON]
+    args.append(f"--config.output_dir={output}")
     if processes > 1:
         args += [
             f"--config.distributed.coordinator_address=127.0.0.1:{free_port()}",
@@ -60,25 +65,35 @@ def run(output: Path, processes: int, devices_per_process: int) -> None:
         assert child.returncode == 0, f"process {i}:\n{out[-3000:]}"
 
 
-def losses(output: Path) -> dict[int, float]:
+def losses(output: Path, key: str = "train/rm/loss") -> dict[int, float]:
     records = [json.loads(x) for x in (output / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records]
     assert steps == sorted(set(steps)), steps  # one record per step
-    return {r["step"]: r["train/rm/loss"] for r in records}
+    return {r["step"]: r[key] for r in records}
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_and_resume_a_one_process_checkpoint(tmp_path):
+@pytest.mark.parametrize(
+    "config, keys",
+    [
+        ("configs/tiny.py", ["train/rm/loss"]),
+        ("configs/tiny_kwise.py", ["train/rm/loss", "train/rm/top1_accuracy"]),
+    ],
+    ids=["pairs", "kwise"],
+)
+def test_two_processes_equal_one_and_resume_a_one_process_checkpoint(tmp_path, config, keys):
     one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
-    run(one, processes=1, devices_per_process=8)
-    run(two, processes=2, devices_per_process=4)
-    reference = losses(one)
-    assert sorted(reference) == [1, 2, 3, 4, 5, 6]
-    np.testing.assert_allclose(list(losses(two).values()), list(reference.values()), rtol=2e-5)
+    run(one, processes=1, devices_per_process=8, config=config)
+    run(two, processes=2, devices_per_process=4, config=config)
+    assert sorted(losses(one)) == [1, 2, 3, 4, 5, 6]
+    for key in keys:
+        reference = list(losses(one, key).values())
+        np.testing.assert_allclose(list(losses(two, key).values()), reference, rtol=2e-5)
 
     shutil.copytree(one, resumed)
     shutil.rmtree(resumed / "checkpoints" / "6")  # the 1-process run "died" after step 3's save
-    run(resumed, processes=2, devices_per_process=4)
-    got = losses(resumed)
-    assert sorted(got) == [1, 2, 3, 4, 5, 6]
-    np.testing.assert_allclose(list(got.values()), list(reference.values()), rtol=2e-5)
+    run(resumed, processes=2, devices_per_process=4, config=config)
+    assert sorted(losses(resumed)) == [1, 2, 3, 4, 5, 6]
+    for key in keys:
+        reference = list(losses(one, key).values())
+        np.testing.assert_allclose(list(losses(resumed, key).values()), reference, rtol=2e-5)
