@@ -1,6 +1,6 @@
 """Multi-host: two processes x 4 fake CPU devices on 127.0.0.1 train exactly like one process x 8,
 and a 2-process run resumes a 1-process checkpoint (gloo collectives, jax.distributed), for pairs
-and for K-wise groups (configs/tiny_kwise.py: batch sizes count prompts, 8 groups of 4 per step)."""
+and for K-wise groups (configs/tiny_kwise.py; batch sizes count prompts: 32 groups of 4 a step)."""
 
 from __future__ import annotations
 
