@@ -115,11 +115,28 @@ def use_plugin(target: str) -> None:
         return
     nvcc = site / "nvidia" / "cuda_nvcc"
     os.environ["PATH"] = f"{nvcc / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
-    flag = "--xla_gpu_cuda_data_dir"
-    others = re.sub(rf"{flag}=\S+", "", os.environ.get("XLA_FLAGS", ""))
-    os.environ["XLA_FLAGS"] = f"{others} {flag}={nvcc}".strip()
+    set_xla_flag("--xla_gpu_cuda_data_dir", str(nvcc))
+    if plugin_version(site) >= (0, 12):
+        # One host of N compile-only GPUs: from 0.12 XLA:GPU then plans one-shot Triton kernels for
+        # all-reduces over all N (at N = 64 the int32 one's LLVM compile aborts the process); a
+        # cluster's N GPUs are hosts of 8, and their all-reduces NCCL's, as this filter makes them.
+        set_xla_flag("--xla_gpu_experimental_use_collective_kernels", "")
     # the plugin's wheel pins of the CUDA libraries: none are installed (nothing runs on a GPU)
     os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"
+
+
+def set_xla_flag(flag: str, value: str) -> None:
+    """`flag=value` in XLA_FLAGS, in place of any value it had."""
+    others = re.sub(rf"{flag}=\S*", "", os.environ.get("XLA_FLAGS", ""))
+    os.environ["XLA_FLAGS"] = f"{others} {flag}={value}".strip()
+
+
+def plugin_version(site: Path) -> tuple[int, ...]:
+    """The CUDA plugin's version (major, minor, ...) from its installed metadata in `site`."""
+    for info in site.glob("jax_cuda*_plugin-*.dist-info"):
+        version = info.name.split("-")[1].removesuffix(".dist-info")
+        return tuple(int(x) for x in version.split(".") if x.isdigit())
+    return ()
 
 
 def target_config(target: str) -> str:

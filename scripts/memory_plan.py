@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from pathlib import Path
 
 
 def fake_cpu_devices(count: int) -> None:
     """Environment for `count` fake CPU devices; must run before JAX is imported."""
-    flag = "--xla_force_host_platform_device_count"
-    others = re.sub(rf"{flag}=\S+", "", os.environ.get("XLA_FLAGS", ""))
-    os.environ["XLA_FLAGS"] = f"{others} {flag}={count}".strip()
+    from jaxrm.deviceless import set_xla_flag
+
+    set_xla_flag("--xla_force_host_platform_device_count", str(count))
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 

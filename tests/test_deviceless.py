@@ -9,12 +9,18 @@ skipped elsewhere."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
-from jaxrm.deviceless import plugin_installed, target_config, tpu_topology
+from jaxrm.deviceless import (
+    plugin_installed,
+    plugin_version,
+    target_config,
+    tpu_topology,
+)
 
 needs_cuda = pytest.mark.skipif(
     not plugin_installed("cuda"), reason="no CUDA plugin (scripts/deviceless_plugin.sh cuda)"
@@ -97,3 +103,24 @@ def test_tpu_topologies():
     assert [tpu_topology(n, 3) for n in (4, 8, 16, 32, 64, 128)] == [
         "2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8"
     ]  # fmt: skip
+
+
+def test_the_cuda_plugins_version_decides_its_collective_kernels_flag(tmp_path):
+    """From plugin 0.12 a deviceless GPU compile turns XLA's Triton collective kernels off (at 64
+    devices of one host XLA:GPU 0.12 aborts compiling one); older plugins do not know the flag."""
+    assert plugin_version(tmp_path) == ()
+    show_flags = "from jaxrm.deviceless import use_plugin; import os; use_plugin('h100'); "
+    show_flags += "print(os.environ['XLA_FLAGS'])"
+    for version, flagged in (("0.10.2", False), ("0.11.2", False), ("0.12.0.1", True)):
+        site = tmp_path / version / "site"
+        (site / f"jax_cuda12_plugin-{version}.dist-info").mkdir(parents=True)
+        (site / "jax_plugins").mkdir()
+        assert plugin_version(site) == tuple(int(x) for x in version.split("."))
+        env = dict(os.environ, JAXRM_CUDA_PLUGIN=str(site.parent))
+        env["XLA_FLAGS"] = "--xla_gpu_experimental_use_collective_kernels=ALL"
+        flags = subprocess.run(
+            [sys.executable, "-c", show_flags], env=env, capture_output=True, text=True, check=True
+        ).stdout.split()
+        assert f"--xla_gpu_cuda_data_dir={site / 'nvidia' / 'cuda_nvcc'}" in flags
+        expected = "=" if flagged else "=ALL"
+        assert f"--xla_gpu_experimental_use_collective_kernels{expected}" in flags
