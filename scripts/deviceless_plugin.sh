@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs a JAX accelerator plugin BESIDE .venv (never into it) for compiles without the
 # accelerator (jaxrm/deviceless.py: `scripts/memory_plan.py --target h100|v5e|...`,
-# `scripts/attention_compile.py`). No GPU, TPU or driver is needed. Versions: scripts/constraints.txt
-# (the plugin must match .venv's jaxlib). Idempotent.
+# `scripts/attention_compile.py`). No GPU, TPU or driver is needed. Versions: scripts/constraints.txt,
+# or for a .venv at another JAX (0.11, 0.12) the plugin of its jaxlib and the libtpu its jax names
+# (the plugin must match the venv's jaxlib). PYTHON: another venv's interpreter. Idempotent.
 #   cuda: jax-cuda12-plugin, jax-cuda12-pjrt and nvidia-cuda-nvcc-cu12 in .cuda-plugin/site
 #         (~223 MB of wheels, ~570 MB installed)
 #   tpu:  libtpu in .tpu-plugin/site (~213 MB of wheels)
@@ -15,14 +16,35 @@ case "${1:-}" in
   tpu) folder="${JAXRM_TPU_PLUGIN:-.tpu-plugin}"; names=(libtpu) ;;
   *) echo "error: usage: scripts/deviceless_plugin.sh cuda|tpu" >&2; exit 2 ;;
 esac
-python=".venv/bin/python"
+python="${PYTHON:-.venv/bin/python}"
 if [ ! -x "$python" ]; then
   echo "error: no .venv: run scripts/setup_env.sh first" >&2
   exit 2
 fi
+# A .venv at another JAX than the pin (0.11 and 0.12 are supported): the plugin of its jaxlib, and
+# the libtpu its jax asks for.
+mapfile -t own < <("$python" - <<'PY'
+import importlib.metadata as metadata
+import re
+
+jaxlib = metadata.version("jaxlib")
+print(f"jax-cuda12-plugin=={jaxlib}")
+print(f"jax-cuda12-pjrt=={jaxlib}")
+for requirement in metadata.requires("jax") or []:
+    if match := re.match(r"libtpu\s*(==\s*[^;\s]+)\s*;\s*extra\s*==\s*.tpu.", requirement):
+        print("libtpu" + match.group(1).replace(" ", ""))
+PY
+)
+pinned_jaxlib="$(grep -i '^jaxlib==' scripts/constraints.txt || true)"
+venv_jaxlib="jaxlib==$("$python" -c 'import importlib.metadata as m; print(m.version("jaxlib"))')"
 pins=()
 for name in "${names[@]}"; do
   pin="$(grep -i "^${name}==" scripts/constraints.txt || true)"
+  if [ "$venv_jaxlib" != "$pinned_jaxlib" ]; then
+    for candidate in "${own[@]}"; do
+      if [[ "$candidate" == "${name}=="* ]]; then pin="$candidate"; fi
+    done
+  fi
   if [ -z "$pin" ]; then
     echo "error: scripts/constraints.txt pins no ${name}" >&2
     exit 2
