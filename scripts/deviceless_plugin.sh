@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs a JAX accelerator plugin BESIDE .venv (never into it) for compiles without the
 # accelerator (jaxrm/deviceless.py: `scripts/memory_plan.py --target h100|v5e|...`,
-# `scripts/attention_compile.py`). No GPU, TPU or driver is needed. Versions: scripts/constraints.txt,
-# or for a .venv at another JAX (0.11, 0.12) the plugin of its jaxlib and the libtpu its jax names
-# (the plugin must match the venv's jaxlib). PYTHON: another venv's interpreter. Idempotent.
+# `scripts/attention_compile.py`). No GPU, TPU or driver is needed. Versions:
+# scripts/constraints.txt, or for a .venv at another JAX (0.11, 0.12) the plugin of its jaxlib and
+# the libtpu its jax names (the plugin must match the venv's jaxlib). PYTHON: another venv's
+# interpreter. Idempotent.
 #   cuda: jax-cuda12-plugin, jax-cuda12-pjrt and nvidia-cuda-nvcc-cu12 in .cuda-plugin/site
 #         (~223 MB of wheels, ~570 MB installed)
 #   tpu:  libtpu in .tpu-plugin/site (~213 MB of wheels)

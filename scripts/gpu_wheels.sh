@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Fills a folder (default .gpu-wheels/) with the wheels scripts/gpu_check.sh installs in a GPU image
 # where nothing can be downloaded: the image already has JAX 0.11.x (or 0.12.x) with the CUDA 13
-# plugin, PyTorch and Python 3.12 (and numpy, scipy, pyarrow, tensorstore, ...); jaxrm needs more (grain, datasets,
-# ml_collections, ...) or newer versions of some (transformers, huggingface_hub). Run it here, with
-# network access; carry the folder to the GPU machine beside the checkout.
+# plugin, PyTorch and Python 3.12 (and numpy, scipy, pyarrow, tensorstore, ...); jaxrm needs more
+# (grain, datasets, ml_collections, ...) or newer versions of some (transformers, huggingface_hub).
+# Run it here, with network access; carry the folder to the GPU machine beside the checkout.
 #
 # It resolves jaxrm's dependencies for CPython 3.12 on manylinux x86-64 at the pins of
 # scripts/constraints.txt, with the image's JAX (GPU_JAX_VERSION, default 0.11.2) in place of
