@@ -113,8 +113,8 @@ def markdown(summary: dict) -> list[str]:
     train_bench = summary.get("bench")
     if train_bench:
         lines += ["", f"Train step, preset {train_bench['preset']} ({train_bench['pairs']} pairs):",
-                  "", "| side | non-pad tokens/s | MFU | vs reference | peak GB: measured / "
-                  "XLA's plan | setup |", "|---|---|---|---|---|---|"]  # fmt: skip
+                  "", "| side | non-pad tokens/s | MFU | vs reference | peak GB: device (RSS off "
+                  "a GPU) / XLA's plan | setup |", "|---|---|---|---|---|---|"]  # fmt: skip
         for side in ("jaxrm", "jaxrm_padded", "reference", "reference_flex"):
             if f"{side}_nonpad_tokens_per_s" not in train_bench:
                 continue
