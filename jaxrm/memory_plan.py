@@ -67,7 +67,7 @@ from jaxrm.plan import abstract_opt_state, make_plan, resolve
 from jaxrm.sharding import (
     MESH_AXES,
 )
-from jaxrm.step import make_train_step
+from jaxrm.step import PackedTrainStep, make_train_step
 
 GIB = 1024**3
 ANALYSIS = "XLA:CPU"
@@ -109,6 +109,30 @@ def compile_piece(name: str, jitted, *args: Any, target: str = HOST) -> Piece:
         int(stats.alias_size_in_bytes),
         round(seconds, 2),
     )
+
+
+def step_pieces(
+    step: Any, state: Any, batch: Any, mesh: Any, target: str = HOST
+) -> tuple[list[Piece], dict[str, int]]:
+    """The compiled pieces of a train step (`jaxrm.step.make_train_step`) and, per piece, what
+    stays resident on the devices beside its own buffers. Padded: the one jitted step. Packed
+    (`batch` one micro-batch): `accumulate`, with the Adam state waiting beside it, and `apply`.
+    `state` and `batch` may be arrays or sharded `ShapeDtypeStruct`s."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    scalar = struct((), jnp.float32, replicated)
+    votes = struct((mesh.size,), jnp.int32, NamedSharding(mesh, PartitionSpec(MESH_AXES)))
+    if not isinstance(step, PackedTrainStep):
+        return [compile_piece("step", step, state, batch, votes, target=target)], {"step": 0}
+    params, opt_state = state
+    sums = dict.fromkeys(METRIC_SUM_KEYS, scalar)
+    grads = params  # the same shapes and shardings
+    pieces = [
+        compile_piece(
+            "accumulate", step.accumulate, params, grads, sums, batch, scalar, target=target
+        ),
+        compile_piece("apply", step.apply, state, grads, sums, votes, target=target),
+    ]
+    return pieces, {"accumulate": per_device_bytes(opt_state), "apply": 0}
 
 
 def per_device_bytes(tree: Any) -> int:
@@ -175,36 +199,21 @@ def plan(
         packed=run.pack is not None,
         shared_prefix=run.pack is not None and run.pack.share_prefix,
     )
-    replicated_sharding = NamedSharding(mesh, PartitionSpec())
-    scalar = struct((), jnp.float32, replicated_sharding)
-    sums = dict.fromkeys(METRIC_SUM_KEYS, scalar)
-    votes = struct((mesh.size,), jnp.int32, NamedSharding(mesh, PartitionSpec(MESH_AXES)))
-
     if run.pack is not None:
         length, rows = run.pack.length, run.pack.rows
         sizes = {"rows": run.pack.micro_rows, "length": length, "devices": dp}
         shapes = field_shapes(PACKED_FIELDS, {**sizes, "slots": run.pack.slots})
-        micro = batch_structs(PACKED_FIELDS, shapes, mesh)
-        pieces = [
-            compile_piece(
-                "accumulate", step.accumulate, params, params, sums, micro, scalar, target=target
-            ),
-            compile_piece("apply", step.apply, state, params, sums, votes, target=target),
-        ]
-        resident = {"accumulate": per_device_bytes(opt_state), "apply": 0}
+        step_batch = batch_structs(PACKED_FIELDS, shapes, mesh)
         batch = {"pack_length": length, "pack_rows_per_device": rows}
         tokens = rows * length
     else:
         k, t = cfg.gradient_accumulation_steps, cfg.max_token_length
         sizes = {"micro": k, "rows": 2 * micro_pairs, "pairs": micro_pairs, "length": t}
-        shapes = field_shapes(FIELDS, sizes)
-        batch_args = (state, batch_structs(FIELDS, shapes, mesh), votes)
-        pieces = [compile_piece("step", step, *batch_args, target=target)]
-        resident = {"step": 0}
+        step_batch = batch_structs(FIELDS, field_shapes(FIELDS, sizes), mesh)
         per_device = micro_pairs // dp
         batch = {"per_device_train_batch_size": per_device, "max_token_length": t}
         tokens = 2 * per_device * t
-
+    pieces, resident = step_pieces(step, state, step_batch, mesh, target)
     peak = max(p.total + resident[p.name] for p in pieces)  # total: the program's own buffers
     parameters = sum(math.prod(v.shape) for v in jax.tree.leaves(params))
     return {

@@ -263,33 +263,21 @@ def run_jaxrm(args, workdir: Path, layout: str, make_host) -> dict:
         "nonpad_tokens_computed": int(sum(real)) * args.timed_epochs,
         "losses": losses[len(warmup) :],
         "device_peak_bytes": measured,
-        "planned_peak_bytes": planned_peak(step, state, host[0], mesh, votes),
+        "planned_peak_bytes": planned_peak(step, state, host[0], mesh),
         "device": jax.devices()[0].device_kind,
     }
 
 
-def planned_peak(step, state, batch: dict, mesh, votes) -> int:
-    """XLA's plan of the step just timed, by scripts/memory_plan.py's method (each compiled
-    piece's arguments + outputs + temporaries - aliased, plus what stays resident beside it; the
-    largest), to set beside the device's measured peak: how far a plan made without the device
-    can be trusted."""
-    import jax.numpy as jnp
-
+def planned_peak(step, state, batch: dict, mesh) -> int:
+    """XLA's plan of the step just timed, by scripts/memory_plan.py's method (the largest of its
+    compiled pieces' buffers plus what stays resident beside them), to set beside the device's
+    measured peak: how far a plan made without the device can be trusted."""
     from jaxrm.data.batch import to_global
-    from jaxrm.memory_plan import compile_piece, per_device_bytes
-    from jaxrm.step import PackedTrainStep
+    from jaxrm.memory_plan import step_pieces
 
-    if not isinstance(step, PackedTrainStep):
-        return compile_piece("step", step, state, to_global(batch, mesh), votes).total
-    params, opt_state = state
-    grads, sums = step.zeros(params)
-    micro = to_global(batch["micro_batches"][0], mesh)
-    normalizer = jnp.float32(batch["normalizer"])
-    accumulate = compile_piece(
-        "accumulate", step.accumulate, params, grads, sums, micro, normalizer
-    )
-    apply = compile_piece("apply", step.apply, state, grads, sums, votes)
-    return max(accumulate.total + per_device_bytes(opt_state), apply.total)
+    batch = batch["micro_batches"][0] if "micro_batches" in batch else batch
+    pieces, resident = step_pieces(step, state, to_global(batch, mesh), mesh)
+    return max(p.total + resident[p.name] for p in pieces)
 
 
 def pairs_data(pairs: list):
