@@ -29,6 +29,7 @@ import importlib.metadata as metadata
 import re
 
 jaxlib = metadata.version("jaxlib")
+print(f"jaxlib=={jaxlib}")
 print(f"jax-cuda12-plugin=={jaxlib}")
 print(f"jax-cuda12-pjrt=={jaxlib}")
 for requirement in metadata.requires("jax") or []:
@@ -37,7 +38,7 @@ for requirement in metadata.requires("jax") or []:
 PY
 )
 pinned_jaxlib="$(grep -i '^jaxlib==' scripts/constraints.txt || true)"
-venv_jaxlib="jaxlib==$("$python" -c 'import importlib.metadata as m; print(m.version("jaxlib"))')"
+venv_jaxlib="${own[0]}"
 pins=()
 for name in "${names[@]}"; do
   pin="$(grep -i "^${name}==" scripts/constraints.txt || true)"
